@@ -1,0 +1,245 @@
+"""The diffusers folder layout (`model_index.json`, `unet/`, `vae/`, `text_encoder/`): key names mapped to
+and from the original checkpoint names by a few structural rules, and configs to and from `config.json`."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import (TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CLIPTextConfig, ModelConfig, ScheduleConfig,
+                     UNetConfig, VAEConfig)
+from .errors import CheckpointError
+
+RESNET_UNET = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
+               ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection.")]
+RESNET_VAE = [("conv_shortcut.", "nin_shortcut.")]
+ATTENTION_VAE = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
+                 ("to_out.0.", "proj_out.")]
+# Names of diffusers < 0.14, still found in old folders; read-only.
+ATTENTION_VAE_LEGACY = [("query.", "q."), ("key.", "k."), ("value.", "v."), ("proj_attn.", "proj_out.")]
+
+
+def _with_inner(pairs: list[tuple[str, str]], outer: tuple[str, str], inner: list[tuple[str, str]]) -> None:
+    pairs.append(outer)
+    pairs.extend((outer[0] + a, outer[1] + b) for a, b in inner)
+
+
+def unet_prefixes(config: UNetConfig) -> list[tuple[str, str]]:
+    """(diffusers prefix, original prefix) pairs for every block of a UNet of this shape."""
+    levels, blocks = len(config.channel_mult), config.num_res_blocks + 1
+    pairs = [("conv_in.", "input_blocks.0.0."), ("time_embedding.linear_1.", "time_embed.0."),
+             ("time_embedding.linear_2.", "time_embed.2."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
+             ("mid_block.attentions.0.", "middle_block.1.")]
+    _with_inner(pairs, ("mid_block.resnets.0.", "middle_block.0."), RESNET_UNET)
+    _with_inner(pairs, ("mid_block.resnets.1.", "middle_block.2."), RESNET_UNET)
+    for i in range(levels):
+        for j in range(config.num_res_blocks):
+            block = 1 + i * blocks + j
+            _with_inner(pairs, (f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{block}.0."), RESNET_UNET)
+            pairs.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{block}.1."))
+        if i < levels - 1:
+            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i + 1) * blocks}.0.op."))
+    for i in range(levels):
+        level = levels - 1 - i  # up_blocks run from the deepest level upwards
+        for j in range(blocks):
+            _with_inner(pairs, (f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{i * blocks + j}.0."), RESNET_UNET)
+            pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{i * blocks + j}.1."))
+        if level:
+            slot = 2 if level in config.attention_levels else 1
+            pairs.append((f"up_blocks.{i}.upsamplers.0.conv.", f"output_blocks.{i * blocks + blocks - 1}.{slot}.conv."))
+    return pairs
+
+
+def vae_prefixes(config: VAEConfig) -> list[tuple[str, str]]:
+    """(diffusers prefix, original prefix) pairs for every block of an autoencoder of this shape."""
+    levels = len(config.channel_mult)
+    pairs = [("encoder.conv_norm_out.", "encoder.norm_out."), ("decoder.conv_norm_out.", "decoder.norm_out.")]
+    for part in ("encoder", "decoder"):
+        _with_inner(pairs, (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1."), RESNET_VAE)
+        _with_inner(pairs, (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2."), RESNET_VAE)
+        _with_inner(pairs, (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1."),
+                    ATTENTION_VAE + ATTENTION_VAE_LEGACY)
+    for i in range(levels):
+        for j in range(config.num_res_blocks):
+            _with_inner(pairs, (f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}."), RESNET_VAE)
+        pairs.append((f"encoder.down_blocks.{i}.downsamplers.0.conv.", f"encoder.down.{i}.downsample.conv."))
+        level = levels - 1 - i
+        for j in range(config.num_res_blocks + 1):
+            _with_inner(pairs, (f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{level}.block.{j}."), RESNET_VAE)
+        pairs.append((f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"decoder.up.{level}.upsample.conv."))
+    return pairs
+
+
+def rename(state: dict[str, torch.Tensor], pairs: list[tuple[str, str]], to_original: bool) -> dict[str, torch.Tensor]:
+    """Rename every key by its longest matching prefix; keys that match none are the same in both layouts."""
+    src, dst = (0, 1) if to_original else (1, 0)
+    table = sorted(pairs, key=lambda p: -len(p[src]))
+    if not to_original:  # the legacy names are for reading only
+        table = [p for p in table if not any(p[0].endswith(old) for old, _ in ATTENTION_VAE_LEGACY)]
+    out = {}
+    for key, value in state.items():
+        for pair in table:
+            if key.startswith(pair[src]):
+                key = pair[dst] + key[len(pair[src]):]
+                break
+        out[key] = value
+    return out
+
+
+def _vae_attention_shapes(state: dict[str, torch.Tensor], to_original: bool) -> dict[str, torch.Tensor]:
+    """diffusers stores the mid-block attention projections as linear (C, C), CompVis as 1×1 conv (C, C, 1, 1)."""
+    out = {}
+    for key, value in state.items():
+        if ".mid.attn_1." in key or ".mid_block.attentions." in key:
+            if key.endswith(".weight") and not key.split(".")[-2].startswith(("norm", "group_norm")):
+                value = value.reshape(*value.shape[:2], 1, 1) if to_original else value.reshape(value.shape[:2])
+        out[key] = value
+    return out
+
+
+# ---- configs ------------------------------------------------------------------------------------------------
+
+def unet_config_json(c: UNetConfig) -> dict:
+    levels = range(len(c.channel_mult))
+    return {
+        "_class_name": "UNet2DConditionModel", "in_channels": c.in_channels, "out_channels": c.out_channels,
+        "block_out_channels": [c.model_channels * m for m in c.channel_mult], "layers_per_block": c.num_res_blocks,
+        "down_block_types": ["CrossAttnDownBlock2D" if i in c.attention_levels else "DownBlock2D" for i in levels],
+        "up_block_types": ["CrossAttnUpBlock2D" if i in c.attention_levels else "UpBlock2D" for i in reversed(levels)],
+        "mid_block_type": "UNetMidBlock2DCrossAttn", "cross_attention_dim": c.context_dim,
+        # diffusers' historical misnomer: for SD 1.x "attention_head_dim" holds the number of heads.
+        "attention_head_dim": c.head_channels or c.num_heads, "norm_num_groups": c.norm_groups,
+        "use_linear_projection": c.use_linear_projection, "transformer_layers_per_block": c.transformer_depth,
+        "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "norm_eps": 1e-5, "center_input_sample": False,
+        "sample_size": 64,
+    }
+
+
+def vae_config_json(c: VAEConfig) -> dict:
+    n = len(c.channel_mult)
+    return {"_class_name": "AutoencoderKL", "in_channels": c.in_channels, "out_channels": c.out_channels,
+            "block_out_channels": [c.channels * m for m in c.channel_mult], "layers_per_block": c.num_res_blocks,
+            "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+            "latent_channels": c.latent_channels, "norm_num_groups": c.norm_groups, "act_fn": "silu",
+            "scaling_factor": c.scaling_factor, "sample_size": 512}
+
+
+def text_config_json(c: CLIPTextConfig) -> dict:
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+            "max_position_embeddings": c.max_position_embeddings, "hidden_act": c.hidden_act,
+            "layer_norm_eps": c.layer_norm_eps, "projection_dim": c.hidden_size,
+            "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+
+
+def scheduler_config_json(c: ScheduleConfig) -> dict:
+    return {"_class_name": "PNDMScheduler", "beta_start": c.beta_start, "beta_end": c.beta_end,
+            "num_train_timesteps": c.num_train_timesteps, "beta_schedule": c.beta_schedule,
+            "prediction_type": c.prediction_type, "set_alpha_to_one": False, "skip_prk_steps": True,
+            "steps_offset": 1}
+
+
+def _unet_config(raw: dict) -> UNetConfig:
+    widths = raw["block_out_channels"]
+    heads = raw.get("num_attention_heads") or raw.get("attention_head_dim", 8)
+    heads = heads[0] if isinstance(heads, list) else heads
+    depth = raw.get("transformer_layers_per_block", 1)
+    return UNetConfig(in_channels=raw.get("in_channels", 4), out_channels=raw.get("out_channels", 4),
+                      model_channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths),
+                      num_res_blocks=raw.get("layers_per_block", 2),
+                      attention_levels=tuple(i for i, t in enumerate(raw["down_block_types"]) if "CrossAttn" in t),
+                      num_heads=heads, transformer_depth=depth[0] if isinstance(depth, list) else depth,
+                      context_dim=raw.get("cross_attention_dim", 768),
+                      use_linear_projection=bool(raw.get("use_linear_projection", False)),
+                      norm_groups=raw.get("norm_num_groups", 32))
+
+
+def _vae_config(raw: dict) -> VAEConfig:
+    widths = raw["block_out_channels"]
+    return VAEConfig(in_channels=raw.get("in_channels", 3), out_channels=raw.get("out_channels", 3),
+                     channels=widths[0], channel_mult=tuple(w // widths[0] for w in widths),
+                     num_res_blocks=raw.get("layers_per_block", 2), latent_channels=raw.get("latent_channels", 4),
+                     norm_groups=raw.get("norm_num_groups", 32), scaling_factor=raw.get("scaling_factor", 0.18215))
+
+
+def _text_config(raw: dict) -> CLIPTextConfig:
+    defaults = CLIPTextConfig()
+    return CLIPTextConfig(**{f: raw.get(f, getattr(defaults, f)) for f in defaults.__dataclass_fields__})
+
+
+# ---- folders ------------------------------------------------------------------------------------------------
+
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+def is_diffusers_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read diffusers config ({e})") from None
+
+
+def _component_weights(folder: Path, name: str, read_file) -> dict[str, torch.Tensor]:
+    stem = WEIGHT_FILES[name]
+    candidates = [f"{stem}.safetensors", f"{stem}.fp16.safetensors", "pytorch_model.bin" if name == "text_encoder"
+                  else f"{stem}.bin", f"{stem}.fp16.bin"]
+    for candidate in candidates:
+        if (folder / name / candidate).is_file():
+            return read_file(folder / name / candidate)
+    raise CheckpointError(f"{folder}: diffusers folder has no weights in {name}/ (looked for {', '.join(candidates)})")
+
+
+def read_diffusers_folder(folder: str | os.PathLike, read_file) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """An original-layout state dict (with component prefixes) and the config recorded in the folder.
+    `read_file(path)` reads one weights file (safetensors or restricted pickle)."""
+    folder = Path(folder)
+    for part in ("unet", "vae", "text_encoder"):
+        if not (folder / part / "config.json").is_file():
+            raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder (no {part}/config.json)")
+    unet_cfg = _unet_config(_read_json(folder / "unet" / "config.json"))
+    vae_cfg = _vae_config(_read_json(folder / "vae" / "config.json"))
+    text_cfg = _text_config(_read_json(folder / "text_encoder" / "config.json"))
+    schedule = ScheduleConfig()
+    if (folder / "scheduler" / "scheduler_config.json").is_file():
+        raw = _read_json(folder / "scheduler" / "scheduler_config.json")
+        schedule = ScheduleConfig(**{f: raw[f] for f in schedule.__dataclass_fields__ if f in raw})
+    state = {}
+    unet = rename(_component_weights(folder, "unet", read_file), unet_prefixes(unet_cfg), to_original=True)
+    state.update({UNET_PREFIX + k: v for k, v in unet.items()})
+    vae = _vae_attention_shapes(rename(_component_weights(folder, "vae", read_file), vae_prefixes(vae_cfg),
+                                       to_original=True), to_original=True)
+    state.update({VAE_PREFIX + k: v for k, v in vae.items()})
+    state.update({TEXT_PREFIX + k: v for k, v in _component_weights(folder, "text_encoder", read_file).items()})
+    variant = "sd1-inpaint" if unet_cfg.in_channels == 9 else "sd1"
+    return state, ModelConfig(variant=variant, unet=unet_cfg, vae=vae_cfg, text=text_cfg, schedule=schedule)
+
+
+def write_diffusers_folder(folder: str | os.PathLike, unet: dict[str, torch.Tensor], vae: dict[str, torch.Tensor],
+                           text: dict[str, torch.Tensor], config: ModelConfig, write_file) -> None:
+    """Write component state dicts (original names, no prefixes) as a diffusers folder."""
+    folder = Path(folder)
+    parts = {
+        "unet": (rename(unet, unet_prefixes(config.unet), to_original=False), unet_config_json(config.unet)),
+        "vae": (_vae_attention_shapes(rename(vae, vae_prefixes(config.vae), to_original=False), to_original=False),
+                vae_config_json(config.vae)),
+        "text_encoder": (text, text_config_json(config.text)),
+    }
+    for name, (weights, cfg) in parts.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "config.json").write_text(json.dumps(cfg, indent=2))
+        write_file(weights, folder / name / f"{WEIGHT_FILES[name]}.safetensors")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config_json(config.schedule)))
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
+             "feature_extractor": [None, None], "requires_safety_checker": False}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,1 @@
+"""The three networks of latent diffusion: CLIP text encoder, KL autoencoder, denoising UNet."""

@@ -1,0 +1,76 @@
+"""Shared fixtures: random-weight checkpoints in the original layout, and diffusers config folders that
+let the reference load the very same file offline."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+from minisd.checkpoint import original_state_dict, save_checkpoint  # noqa: E402
+from minisd.config import PRESETS, ModelConfig  # noqa: E402
+from minisd.diffusers_format import text_config_json, unet_config_json, vae_config_json  # noqa: E402
+from minisd.models.clip import CLIPTextModel  # noqa: E402
+from minisd.models.unet import UNetModel  # noqa: E402
+from minisd.models.vae import AutoencoderKL  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+
+
+def random_state_dict(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32
+                      ) -> dict[str, torch.Tensor]:
+    """Original-layout weights drawn at random with every tensor perturbed, so that norm scales are not 1,
+    biases not 0, and a swapped key cannot hide. Weights get a fan-in scale so activations stay sane."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in original_state_dict(
+            UNetModel(config.unet), AutoencoderKL(config.vae), CLIPTextModel(config.text)).items()}
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in shapes.items():
+        noise = torch.randn(shape, generator=g)
+        if len(shape) == 1:
+            value = 1 + 0.2 * noise if "norm" in key and key.endswith("weight") else 0.1 * noise
+        else:
+            fan_in = shape[1:].numel()
+            value = noise * (0.02 if "embedding" in key else fan_in ** -0.5)
+        out[key] = value.to(dtype)
+    return out
+
+
+def write_checkpoint(path: Path, config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     record_config: bool = True) -> dict[str, torch.Tensor]:
+    """Write random weights as an original-layout .safetensors and return them."""
+    state = random_state_dict(config, seed, dtype)
+    if record_config:
+        save_checkpoint(path, state, config)
+    else:  # as a real SD file: no minisd metadata, the config must be inferred from the shapes
+        from safetensors.torch import save_file
+        save_file(state, str(path))
+    return state
+
+
+def diffusers_config_folder(path: Path, config: ModelConfig) -> Path:
+    """A folder of diffusers/transformers configs (no weights) for `from_single_file(config=...)`."""
+    for sub, content in (("unet", unet_config_json(config.unet)), ("vae", vae_config_json(config.vae)),
+                         ("text_encoder", text_config_json(config.text))):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+        (path / sub / "config.json").write_text(json.dumps(content))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> ModelConfig:
+    return PRESETS["tiny"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_config) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    write_checkpoint(path, tiny_config, seed=1)
+    return path
