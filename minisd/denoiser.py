@@ -1,6 +1,6 @@
 """Denoisers D(x, σ) ≈ E[x0 | x0 + σ ε = x] built from an ε- or v-predicting UNet (Karras et al. 2022, Table 1
-preconditioning), classifier-free guidance (Ho & Salimans 2022, eq. 6) with guidance rescale (Lin et al. 2023,
-eq. 15–16), and the LCM boundary condition (Luo et al. 2023, eq. 9).
+preconditioning), classifier-free guidance (Ho & Salimans 2022) with guidance rescale (Lin et al. 2023, §3.4),
+and the LCM boundary condition (Luo et al. 2023).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def make_denoiser(unet: UNetFn, schedule: DiscreteSchedule, *, quantize: bool = 
 
 
 def rescale_guidance(guided: Tensor, positive: Tensor, phi: float) -> Tensor:
-    """Lin et al. 2023, eq. 15–16: scale the guided prediction to the per-sample std of the conditional one,
+    """Lin et al. 2023, §3.4: scale the guided prediction to the per-sample std of the conditional one,
     then blend: φ · guided · std(pos)/std(guided) + (1 − φ) · guided."""
     dims = list(range(1, guided.ndim))
     factor = positive.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
@@ -168,7 +168,7 @@ class CFGDenoiser:
         else:
             d_cond = self.model(x, sigma, cond, self.concat)
             d_uncond = self.model(x, sigma, uncond, self.concat)
-        # Eq. 6 of Ho & Salimans in ε form is affine in ε, hence the same combination holds for D = x − σ ε.
+        # Guidance ε̃ = ε_u + s (ε_c − ε_u) is affine in ε, so the same combination holds for D = x − σ ε.
         guided = d_uncond + self.scale * (d_cond - d_uncond)
         if self.rescale == 0.0:
             return guided
@@ -178,7 +178,7 @@ class CFGDenoiser:
 
 
 class LCMDenoiser:
-    """Latent Consistency Model boundary condition (Luo et al. 2023, eq. 9, as diffusers' LCMScheduler applies it):
+    """Latent Consistency Model boundary condition (Luo et al. 2023, as diffusers' LCMScheduler applies it):
     f(x, t) = c_skip(t) x_t + c_out(t) x̂0 with c_skip = σ_d²/((k t)² + σ_d²), c_out = k t/sqrt((k t)² + σ_d²),
     σ_d = 0.5, k = `timestep_scaling`, x_t = x/sqrt(σ² + 1) the model-space sample. Wraps any denoiser."""
 

@@ -261,7 +261,7 @@ def sample_lms(
 
 
 # ----------------------------------------------------------------------------------------------- DPM-Solver++
-# In λ = −log σ the ODE's exact solution is x_t = (σ_t/σ_s) x_s + σ_t ∫ e^λ D dλ (Lu et al. 2022, eq. 9);
+# In λ = −log σ the ODE's exact solution is x_t = (σ_t/σ_s) x_s + σ_t ∫ e^λ D dλ (Lu et al. 2022, DPM-Solver++);
 # the solvers below approximate D inside the integral, so −expm1(−h) = 1 − σ_t/σ_s multiplies D.
 
 
@@ -361,7 +361,8 @@ def sample_dpmpp_2m_sde(
     denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, generator: Generators = None, callback: Callback = None,
     eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint",
 ) -> Tensor:
-    """DPM-Solver++(2M) SDE (Lu et al. 2022, §5 of the SDE variant); `solver_type` "midpoint" or "heun"."""
+    """DPM-Solver++(2M) SDE: the SDE form of Lu et al. 2022's multistep solver (exact noise term, second-order
+    correction from the previous D); `solver_type` "midpoint" or "heun" picks that correction's coefficient."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     s = _sigma_list(sigmas)
@@ -490,7 +491,7 @@ def sample_ddim(
 def sample_plms(
     denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, generator: Generators = None, callback: Callback = None,
 ) -> Tensor:
-    """PLMS (Liu et al. 2022, PNDM eq. 12 with the DDIM transfer eq. 9 = an Euler step in σ): Adams–Bashforth on
+    """PLMS (Liu et al. 2022, PNDM; its transfer formula eq. 9 is an Euler step in σ): Adams–Bashforth on
     ε of orders 2, 3, 4 once history exists; the first step averages ε at both ends (a Heun step), as CompVis and
     diffusers (skip_prk_steps) do. N steps cost N + 1 denoiser calls."""
     s = _sigma_list(sigmas)
@@ -518,8 +519,8 @@ def sample_plms(
 
 
 def _unipc_coefficients(h: float, order: int, variant: str) -> tuple[float, float, list[float]]:
-    """B(h), hφ₁(h) and the right-hand side b of UniPC's order conditions (Zhao et al. 2023, Algorithm / eq. 8)
-    in data-prediction form (hh = −h)."""
+    """B(h), hφ₁(h) and the right-hand side b of UniPC's order conditions (Zhao et al. 2023) in data-prediction
+    form (hh = −h); variant bh1 takes B(h) = hh, bh2 takes B(h) = e^hh − 1."""
     hh = -h
     h_phi_1 = math.expm1(hh)
     h_phi_k = h_phi_1 / hh - 1
@@ -608,7 +609,7 @@ def sample_unipc(
 def sample_lcm(
     denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, generator: Generators = None, callback: Callback = None,
 ) -> Tensor:
-    """Multistep consistency sampling (Luo et al. 2023, Algorithm 1): jump to D, re-noise to the next σ.
+    """Multistep latent consistency sampling (Luo et al. 2023): jump to D, re-noise to the next σ.
     Use with an LCM model wrapped in denoiser.LCMDenoiser (its boundary condition)."""
     s = _sigma_list(sigmas)
     for i in range(len(s) - 1):
@@ -654,6 +655,10 @@ def _spec(key: str, label: str, fn: Callable[..., Tensor], schedule: str = "unif
     return SamplerSpec(key, label, fn, schedule, MappingProxyType(options), discard, aliases)
 
 
+# Default schedules follow A1111 1.10 ("Automatic"). DDIM, PLMS and DDPM default to the CompVis/A1111 timesteps
+# (ddim_uniform) but, like every schedule here, end at σ = 0 where diffusers' set_alpha_to_one=False stops at σ_min;
+# pass sigmas ending in σ_min to reproduce that. UniPC defaults to sgm_uniform, the unrounded form of diffusers'
+# "linspace" spacing; LCM to diffusers' LCM timesteps.
 SAMPLERS: dict[str, SamplerSpec] = {
     spec.key: spec
     for spec in [

@@ -20,8 +20,6 @@ from minisd.schedule import (
     get_sigmas_lcm,
     get_sigmas_normal,
     get_sigmas_polyexponential,
-    get_sigmas_sgm_uniform,
-    get_sigmas_simple,
     get_sigmas_uniform,
     img2img_sigmas,
     resolve_schedule,
@@ -70,7 +68,8 @@ def test_unknown_beta_schedule_raises():
 
 
 def test_prediction_type_carried():
-    assert DiscreteSchedule.from_config(ScheduleConfig(prediction_type="v_prediction")).prediction_type == "v_prediction"
+    v_schedule = DiscreteSchedule.from_config(ScheduleConfig(prediction_type="v_prediction"))
+    assert v_schedule.prediction_type == "v_prediction"
 
 
 def test_sigma_t_maps_match_kdiffusion(schedule):
