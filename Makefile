@@ -14,8 +14,8 @@ $(VENV)/bin/python:
 $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PIP) install torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
 	$(PIP) install -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
-	$(PIP) install --no-deps k-diffusion==0.1.1.post1 2>&1 | grep -v "^WARNING: Location" || true
-	$(VENV)/bin/python -c "import minisd, torch, diffusers, transformers, importlib.util as u; assert u.find_spec('k_diffusion')"
+	$(PIP) install --no-deps k-diffusion==0.1.1.post1 openai-clip==1.0.1 2>&1 | grep -v "^WARNING: Location" || true
+	$(VENV)/bin/python -c "import minisd, torch, diffusers, transformers, importlib.util as u; assert u.find_spec('k_diffusion') and u.find_spec('clip')"
 	touch $@
 
 install: $(STAMP)
