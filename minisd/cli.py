@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
@@ -11,21 +10,11 @@ import torch
 
 from . import __version__
 from .errors import MinisdError
+from .hashes import sha256_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-
-def sha256_of(path: Path) -> str:
-    """SHA-256 of a file, or of a folder's files in sorted order (A1111 hashes single files only)."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -41,7 +30,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()})
         count = sum(p.numel() for p in module.parameters())
         print(f"{name + ':':13}{count:>13,} parameters  {', '.join(dtypes)}")
-    digest = sha256_of(path)
+    digest = sha256_model(path)
     print(f"sha256:      {digest}")
     print(f"model hash:  {digest[:10]}  (A1111 short hash)")
     return 0

@@ -3,7 +3,6 @@ and A1111's infotext ("parameters" PNG chunk) with the model hashes it quotes; f
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -524,29 +523,3 @@ def save_output(image: Image.Image, outdir: PathLike, seed: int, infotext: str |
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, "no free output name after 1000 tries", str(outdir))
-
-
-# --------------------------------------------------------------------------------------------------
-# Model hashes (A1111 modules/hashes.py and sd_models.model_hash)
-
-
-def sha256_file(path: PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a whole file, read in chunks (constant memory for multi-GB checkpoints)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def a1111_short_hash(path: PathLike) -> str:
-    """A1111's "Model hash" (the new one): first 10 hex digits of the file's SHA-256."""
-    return sha256_file(path)[:10]
-
-
-def model_hash_legacy(path: PathLike) -> str:
-    """A1111's old model hash: first 8 hex digits of SHA-256 over the 64 KiB at offset 1 MiB
-    (an empty read for files shorter than 1 MiB, as in A1111)."""
-    with open(path, "rb") as f:
-        f.seek(0x100000)
-        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]

@@ -3,7 +3,6 @@ hand, blur vs scipy, infotext strings from A1111's rules, PNG metadata read back
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 
 import numpy as np
@@ -13,14 +12,12 @@ from PIL import ExifTags, Image
 
 import minisd.image as mi
 from minisd.image import (
-    a1111_short_hash,
     blur_mask,
     format_infotext,
     image_grid,
     load_image,
     load_mask,
     mask_bbox,
-    model_hash_legacy,
     next_output_path,
     parse_infotext,
     pil_to_tensor,
@@ -28,7 +25,6 @@ from minisd.image import (
     resize_image,
     save_output,
     save_png,
-    sha256_file,
     tensor_to_pil,
 )
 
@@ -480,20 +476,3 @@ def test_next_output_path(tmp_path):
     p1 = save_output(Image.new("RGB", (2, 2)), out, 5, "t")
     p2 = save_output(Image.new("RGB", (2, 2)), out, 5, "t")
     assert (p1.name, p2.name) == ("00012-5.png", "00013-5.png")
-
-
-# ---------------------------------------------------------------------------------------------- hashes
-
-
-def test_hashes(tmp_path):
-    data = np.random.default_rng(0).integers(0, 256, 0x100000 + 0x10000 + 123, dtype=np.uint8).tobytes()
-    path = tmp_path / "model.safetensors"
-    path.write_bytes(data)
-    full = hashlib.sha256(data).hexdigest()
-    assert sha256_file(path) == full and sha256_file(path, chunk_size=4096) == full
-    assert a1111_short_hash(path) == full[:10]
-    assert model_hash_legacy(path) == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
-    small = tmp_path / "small.ckpt"
-    small.write_bytes(b"abc")
-    assert model_hash_legacy(small) == "e3b0c442"  # sha256 of the empty read past the end
-    assert a1111_short_hash(small) == hashlib.sha256(b"abc").hexdigest()[:10]

@@ -1,0 +1,69 @@
+"""The demo model's architecture (a small SD 1.x-layout model for 64×64 images) and every hyperparameter
+of its two training stages, as dataclasses that the command line fills."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+# f = 8 like SD: 64×64 images <-> 4×8×8 latents. Three down-samplings need four levels.
+DEMO_VAE = VAEConfig(channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, latent_channels=4, norm_groups=16)
+# CLIP's 64-channel heads (one head at width 64). The 49408×64 token table keeps the standard vocabulary
+# although the grammar uses a few dozen ids: the file stays an ordinary SD 1.x checkpoint.
+DEMO_TEXT = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=1)
+# Two levels (8×8 and 4×4 latents), attention at both and in the middle block.
+DEMO_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=2, attention_levels=(0, 1),
+                       num_heads=4, context_dim=DEMO_TEXT.hidden_size, norm_groups=32)
+DEMO_MODEL = ModelConfig(variant="sd1", unet=DEMO_UNET, vae=DEMO_VAE, text=DEMO_TEXT)
+
+
+@dataclass
+class VAETrainConfig:
+    """Autoencoder stage: L1 + edge reconstruction with a small KL term, on fresh images every step."""
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    edge_weight: float = 1.0   # L1 between image gradients: keeps the shapes' edges sharp
+    kl_weight: float = 1e-5    # per latent element, relative to the per-pixel L1
+    minutes: float | None = 15.0  # time budget; the learning-rate schedule is stretched over it
+    scale_batches: int = 8     # batches whose latents set the scaling factor (1/std, as SD did)
+
+
+@dataclass
+class DiffusionTrainConfig:
+    """UNet + text-encoder stage: ε-prediction MSE at uniform t (DDPM Algorithm 1) on pre-encoded latents."""
+    steps: int = 8000
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    uncond_prob: float = 0.1   # captions dropped to "" so that classifier-free guidance works
+    omit_prob: float = 0.1     # captions that leave out the position or the background (each)
+    num_latents: int = 30000   # images encoded once by the trained autoencoder
+    minutes: float | None = 60.0
+
+
+@dataclass
+class TrainConfig:
+    """One training run: where it writes, on what device, and the two stages' settings."""
+    out_dir: Path = Path("outputs/demo-train")
+    output: Path = ASSETS / "demo.safetensors"
+    card: Path | None = ASSETS / "DEMO_MODEL.md"
+    device: str = "cpu"
+    seed: int = 0
+    save_every: int = 250      # steps between resumable checkpoints of the run state
+    resume: bool = False
+    overwrite: bool = False    # replace an existing output model
+    eval_prompts: int = 100    # prompts of the adherence check written into the model card (0: none)
+    model: ModelConfig = DEMO_MODEL
+    vae: VAETrainConfig = field(default_factory=VAETrainConfig)
+    diffusion: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
+    command: str = ""          # the command line that started the run, for the model card
