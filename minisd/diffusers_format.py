@@ -11,6 +11,7 @@ import torch
 from .config import (TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CLIPTextConfig, ModelConfig, ScheduleConfig,
                      UNetConfig, VAEConfig)
 from .errors import CheckpointError
+from .tokenizer import write_hf_files
 
 RESNET_UNET = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
                ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection.")]
@@ -235,6 +236,7 @@ def write_diffusers_folder(folder: str | os.PathLike, unet: dict[str, torch.Tens
         (folder / name).mkdir(parents=True, exist_ok=True)
         (folder / name / "config.json").write_text(json.dumps(cfg, indent=2))
         write_file(weights, folder / name / f"{WEIGHT_FILES[name]}.safetensors")
+    write_hf_files(folder / "tokenizer")
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config_json(config.schedule)))
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",

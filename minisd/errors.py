@@ -11,3 +11,7 @@ class CheckpointError(MinisdError, ValueError):
 
 class UnsupportedModelError(CheckpointError):
     """A checkpoint of an architecture minisd recognises but does not run (yet), or does not know."""
+
+
+class ParameterError(MinisdError, ValueError):
+    """A generation parameter out of range or of the wrong kind (size, steps, strength, sampler, ...)."""

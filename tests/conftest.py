@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# Keep the model-hash cache of test runs (and their subprocesses) out of the user's home.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="minisd-test-cache-")
 
 from minisd.checkpoint import original_state_dict, save_checkpoint  # noqa: E402
 from minisd.config import PRESETS, ModelConfig  # noqa: E402
@@ -74,3 +77,34 @@ def tiny_checkpoint(tmp_path_factory, tiny_config) -> Path:
     path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
     write_checkpoint(path, tiny_config, seed=1)
     return path
+
+
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                    steps_offset=1, prediction_type="epsilon")
+
+
+def reference_pipeline(kind: str, path: Path, config: ModelConfig, tmp: Path, scheduler):
+    """A diffusers Stable Diffusion pipeline (`kind` = its class name) on the very same original-layout file:
+    UNet and VAE through `from_single_file` with local configs (offline), transformers' CLIP text model with
+    the file's text weights, transformers' tokenizer from our vocabulary files."""
+    import diffusers
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig as RefTextConfig, CLIPTextModel as RefText, CLIPTokenizer as RefTokenizer
+
+    from minisd.tokenizer import write_hf_files
+
+    folder = diffusers_config_folder(tmp / "reference-configs", config)
+    write_hf_files(folder / "tokenizer")
+    unet = diffusers.UNet2DConditionModel.from_single_file(str(path), config=str(folder), subfolder="unet")
+    vae = diffusers.AutoencoderKL.from_single_file(str(path), config=str(folder), subfolder="vae")
+    text = RefText(RefTextConfig(**json.loads((folder / "text_encoder" / "config.json").read_text())))
+    prefix = "cond_stage_model.transformer.text_model."
+    level = "" if "embeddings.token_embedding.weight" in text.state_dict() else "text_model."  # transformers 5
+    text.load_state_dict({level + k[len(prefix):]: v.float() for k, v in load_file(str(path)).items()
+                          if k.startswith(prefix)}, strict=False)
+    pipeline = getattr(diffusers, kind)(vae=vae.eval(), text_encoder=text.eval(), unet=unet.eval(),
+                                        tokenizer=RefTokenizer.from_pretrained(str(folder / "tokenizer")),
+                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                        requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

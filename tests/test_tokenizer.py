@@ -3,7 +3,6 @@ prompts and on 20,000 seeded random strings, decoding, and the original CLIP cle
 from __future__ import annotations
 
 import importlib.util
-import json
 import random
 import unicodedata
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import regex
 
-from minisd.tokenizer import BOS_ID, EOS_ID, VOCAB_PATH, CLIPTokenizer, build_vocab, read_merges
+from minisd.tokenizer import BOS_ID, EOS_ID, VOCAB_PATH, CLIPTokenizer, read_merges, write_hf_files
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,11 +125,7 @@ def reference(tmp_path_factory):
     """transformers' CLIPTokenizer (in transformers 5 the `tokenizers`-backed class, the one that
     `openai/clip-vit-large-patch14` loads) from vocab.json + merges.txt written as OpenAI builds them."""
     folder = tmp_path_factory.mktemp("clip_vocab")
-    merges = read_merges()
-    vocab = build_vocab(merges)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    lines = ["#version: 0.2"] + [" ".join(m) for m in merges]
-    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_hf_files(folder)
     return transformers.CLIPTokenizer.from_pretrained(str(folder))
 
 
