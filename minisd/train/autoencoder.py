@@ -90,6 +90,16 @@ def reconstruction_report(vae: AutoencoderKL, dataset: ShapesDataset, count: int
     return {"mae_255": float(np.mean(errors)), "detector_accuracy": correct / count}
 
 
+def init_vae(vae: AutoencoderKL) -> None:
+    """Zero the last layer of every residual branch (ResNet blocks, attention), so each block starts as the
+    identity and the signal passes straight through at initialisation (as ldm's `zero_module` does for
+    the UNet): the autoencoder then trains several times faster."""
+    for name, module in vae.named_modules():
+        if name.endswith((".conv2", ".proj_out")):
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+
+
 def train_vae(cfg: TrainConfig) -> Path:
     """Train (or resume) the autoencoder stage; writes `out_dir/vae.pt` (config with the measured scaling
     factor, weights, metrics) and returns its path."""
@@ -101,7 +111,9 @@ def train_vae(cfg: TrainConfig) -> Path:
         return final_path
 
     torch.manual_seed(cfg.seed)  # the initial weights
-    vae = AutoencoderKL(cfg.model.vae).to(device, memory_format=torch.channels_last)  # NHWC: faster CPU convs
+    vae = AutoencoderKL(cfg.model.vae)
+    init_vae(vae)
+    vae = vae.to(device, memory_format=torch.channels_last)  # NHWC: faster CPU convolutions
     optimizer = torch.optim.AdamW(vae.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     step, losses = 0, []
     if state:
