@@ -1,14 +1,12 @@
-"""Shared fixtures: random-weight checkpoints in the original layout, and diffusers config folders that
-let the reference load the very same file offline."""
+"""Shared fixtures: tiny random-weight checkpoints in the original layout (the builders live in
+minisd.testing, which the benchmarks share)."""
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -16,55 +14,10 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 # Keep the model-hash cache of test runs (and their subprocesses) out of the user's home.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="minisd-test-cache-")
 
-from minisd.checkpoint import original_state_dict, save_checkpoint  # noqa: E402
 from minisd.config import PRESETS, ModelConfig  # noqa: E402
-from minisd.diffusers_format import text_config_json, unet_config_json, vae_config_json  # noqa: E402
-from minisd.models.clip import CLIPTextModel  # noqa: E402
-from minisd.models.unet import UNetModel  # noqa: E402
-from minisd.models.vae import AutoencoderKL  # noqa: E402
+from minisd.testing import write_checkpoint  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
-
-
-def random_state_dict(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32
-                      ) -> dict[str, torch.Tensor]:
-    """Original-layout weights drawn at random with every tensor perturbed, so that norm scales are not 1,
-    biases not 0, and a swapped key cannot hide. Weights get a fan-in scale so activations stay sane."""
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in original_state_dict(
-            UNetModel(config.unet), AutoencoderKL(config.vae), CLIPTextModel(config.text)).items()}
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, shape in shapes.items():
-        noise = torch.randn(shape, generator=g)
-        if len(shape) == 1:
-            value = 1 + 0.2 * noise if "norm" in key and key.endswith("weight") else 0.1 * noise
-        else:
-            fan_in = shape[1:].numel()
-            value = noise * (0.02 if "embedding" in key else fan_in ** -0.5)
-        out[key] = value.to(dtype)
-    return out
-
-
-def write_checkpoint(path: Path, config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
-                     record_config: bool = True) -> dict[str, torch.Tensor]:
-    """Write random weights as an original-layout .safetensors and return them."""
-    state = random_state_dict(config, seed, dtype)
-    if record_config:
-        save_checkpoint(path, state, config)
-    else:  # as a real SD file: no minisd metadata, the config must be inferred from the shapes
-        from safetensors.torch import save_file
-        save_file(state, str(path))
-    return state
-
-
-def diffusers_config_folder(path: Path, config: ModelConfig) -> Path:
-    """A folder of diffusers/transformers configs (no weights) for `from_single_file(config=...)`."""
-    for sub, content in (("unet", unet_config_json(config.unet)), ("vae", vae_config_json(config.vae)),
-                         ("text_encoder", text_config_json(config.text))):
-        (path / sub).mkdir(parents=True, exist_ok=True)
-        (path / sub / "config.json").write_text(json.dumps(content))
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -77,34 +30,3 @@ def tiny_checkpoint(tmp_path_factory, tiny_config) -> Path:
     path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
     write_checkpoint(path, tiny_config, seed=1)
     return path
-
-
-SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                    steps_offset=1, prediction_type="epsilon")
-
-
-def reference_pipeline(kind: str, path: Path, config: ModelConfig, tmp: Path, scheduler):
-    """A diffusers Stable Diffusion pipeline (`kind` = its class name) on the very same original-layout file:
-    UNet and VAE through `from_single_file` with local configs (offline), transformers' CLIP text model with
-    the file's text weights, transformers' tokenizer from our vocabulary files."""
-    import diffusers
-    from safetensors.torch import load_file
-    from transformers import CLIPTextConfig as RefTextConfig, CLIPTextModel as RefText, CLIPTokenizer as RefTokenizer
-
-    from minisd.tokenizer import write_hf_files
-
-    folder = diffusers_config_folder(tmp / "reference-configs", config)
-    write_hf_files(folder / "tokenizer")
-    unet = diffusers.UNet2DConditionModel.from_single_file(str(path), config=str(folder), subfolder="unet")
-    vae = diffusers.AutoencoderKL.from_single_file(str(path), config=str(folder), subfolder="vae")
-    text = RefText(RefTextConfig(**json.loads((folder / "text_encoder" / "config.json").read_text())))
-    prefix = "cond_stage_model.transformer.text_model."
-    level = "" if "embeddings.token_embedding.weight" in text.state_dict() else "text_model."  # transformers 5
-    text.load_state_dict({level + k[len(prefix):]: v.float() for k, v in load_file(str(path)).items()
-                          if k.startswith(prefix)}, strict=False)
-    pipeline = getattr(diffusers, kind)(vae=vae.eval(), text_encoder=text.eval(), unet=unet.eval(),
-                                        tokenizer=RefTokenizer.from_pretrained(str(folder / "tokenizer")),
-                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                        requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline

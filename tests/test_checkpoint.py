@@ -19,7 +19,7 @@ import minisd
 from minisd import CheckpointError, UnsupportedModelError
 from minisd.config import PRESETS
 
-from conftest import diffusers_config_folder, random_state_dict, write_checkpoint
+from minisd.testing import diffusers_config_folder, random_state_dict, write_checkpoint
 
 
 def tensors(sd: minisd.StableDiffusion) -> dict[str, torch.Tensor]:

@@ -14,8 +14,9 @@ from minisd.config import PRESETS, ModelConfig, UNetConfig, infer_config
 from minisd.models.clip import CLIPTextModel
 from minisd.models.unet import UNetModel
 from minisd.models.vae import AutoencoderKL
+from minisd.testing import reference_components, write_checkpoint
 
-from conftest import DATA, diffusers_config_folder, write_checkpoint
+from conftest import DATA
 
 # Entries of the real files that minisd deliberately does not hold: the training schedule (recomputed)
 # and CLIP's position ids (recomputed, since community files corrupt them).
@@ -50,30 +51,9 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def reference_models(path: Path, config: ModelConfig, tmp: Path):
-    """diffusers' UNet and VAE through `from_single_file` (offline, local configs) and transformers' CLIP
-    text model with the same file's weights."""
-    from diffusers import AutoencoderKL as RefVAE, UNet2DConditionModel
-    from safetensors.torch import load_file
-    from transformers import CLIPTextConfig as RefTextConfig, CLIPTextModel as RefText
-
-    folder = diffusers_config_folder(tmp / "configs", config)
-    unet = UNet2DConditionModel.from_single_file(str(path), config=str(folder), subfolder="unet").eval()
-    vae = RefVAE.from_single_file(str(path), config=str(folder), subfolder="vae").eval()
-    text = RefText(RefTextConfig(**json.loads((folder / "text_encoder" / "config.json").read_text()))).eval()
-    prefix = "cond_stage_model.transformer."
-    # transformers 5 dropped the `text_model.` level that the checkpoints (and older versions) have.
-    level = "" if "embeddings.token_embedding.weight" in text.state_dict() else "text_model."
-    weights = {level + k[len(prefix + "text_model."):]: v.float() for k, v in load_file(str(path)).items()
-               if k.startswith(prefix)}
-    missing, unexpected = text.load_state_dict(weights, strict=False)
-    assert not unexpected and all("position_ids" in k for k in missing)
-    return unet, vae, text
-
-
 def check_parity(path: Path, config: ModelConfig, tmp: Path, latent: tuple[int, int], image: tuple[int, int]):
     ours = minisd.load(path, dtype=torch.float32)
-    unet, vae, text = reference_models(path, config, tmp)
+    unet, vae, text, _ = reference_components(path, config, tmp)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         x = torch.randn(2, config.unet.in_channels, *latent, generator=g)
@@ -118,7 +98,7 @@ def test_sizes_that_are_not_multiples_of_64(tmp_path, latent):
     path = tmp_path / "odd.safetensors"
     write_checkpoint(path, config, seed=5)
     ours = minisd.load(path, dtype=torch.float32)
-    unet, _, _ = reference_models(path, config, tmp_path)
+    unet, _, _, _ = reference_components(path, config, tmp_path)
     x, context = torch.randn(1, 4, *latent), torch.randn(1, 5, 32)
     with torch.no_grad():
         out = ours.unet(x, torch.tensor([10.0]), context)

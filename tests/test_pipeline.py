@@ -11,7 +11,7 @@ import minisd
 from minisd.config import PRESETS, ModelConfig, UNetConfig
 from minisd.params import GenerationParams
 
-from conftest import SD_SCHEDULER, reference_pipeline, write_checkpoint
+from minisd.testing import SD_SCHEDULER, reference_pipeline, write_checkpoint
 
 PROMPT, NEGATIVE = "a red circle on the left, blue background", "blurry"
 

@@ -10,7 +10,7 @@ from ..config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 # f = 8 like SD: 64×64 images <-> 4×8×8 latents. Three down-samplings need four levels.
-DEMO_VAE = VAEConfig(channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, latent_channels=4, norm_groups=16)
+DEMO_VAE = VAEConfig(channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, latent_channels=4, norm_groups=8)
 # CLIP's 64-channel heads (one head at width 64). The 49408×64 token table keeps the standard vocabulary
 # although the grammar uses a few dozen ids: the file stays an ordinary SD 1.x checkpoint.
 DEMO_TEXT = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=1)
