@@ -46,6 +46,7 @@ class GenerationParams:
     eta: float | None = None
     guidance_rescale: float = 0.0
     emphasis: str = "Original"
+    tiled_vae: bool | None = None  # None: tile the VAE only when an untiled pass would not fit in memory
     output: str = "pil"
 
     def validated(self) -> "GenerationParams":

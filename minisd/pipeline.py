@@ -19,7 +19,7 @@ from .denoiser import CFGDenoiser, LCMDenoiser, make_denoiser
 from .errors import ParameterError
 from .hashes import a1111_short_hash
 from .image import blur_mask, load_mask, mask_bbox, pil_to_tensor, resize_image, tensor_to_pil
-from .memory import available_memory, estimate_generation_memory
+from .memory import available_memory, estimate_generation_memory, estimate_vae_memory
 from .models.clip import CLIPTextModel
 from .models.unet import UNetModel
 from .models.vae import AutoencoderKL
@@ -27,6 +27,7 @@ from .params import GenerationParams
 from .prompts import encode_prompt_pair
 from .samplers import resolve_sampler
 from .schedule import DiscreteSchedule, img2img_sigmas
+from .tiled_vae import tiled_decode, tiled_encode
 from .tokenizer import CLIPTokenizer
 
 LATENT_SCALE = 8  # the autoencoder's spatial down-sampling factor
@@ -134,16 +135,17 @@ class StableDiffusion:
         latent_shape = self._latent_shape(p)
         if noise is not None and tuple(noise.shape) != (total, *latent_shape):
             raise ParameterError(f"noise must have shape {(total, *latent_shape)}, got {tuple(noise.shape)}")
-        needed, free = estimate_generation_memory(self.config, p.width, p.height, p.batch_size, self.dtype), \
-            available_memory(self.device)
+        tiled = p.tiled_vae if p.tiled_vae is not None else self._vae_needs_tiles(p.width, p.height)
+        needed, free = estimate_generation_memory(self.config, p.width, p.height, p.batch_size, self.dtype,
+                                                  tiled_vae=tiled), available_memory(self.device)
         if free is not None and needed > free:
             raise ParameterError(f"{p.width}x{p.height} with batch size {p.batch_size} needs about "
                                  f"{needed / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB is free; "
                                  f"use a smaller size or batch size")
         with torch.inference_mode():
-            return self._generate(p, task, init_image, mask_image, noise, callback)
+            return self._generate(p, task, init_image, mask_image, noise, callback, tiled)
 
-    def _generate(self, p: GenerationParams, task: str, init_image, mask_image, noise, callback):
+    def _generate(self, p: GenerationParams, task: str, init_image, mask_image, noise, callback, tiled: bool):
         spec = resolve_sampler(p.sampler)
         options = dict(spec.options)
         if p.eta is not None:
@@ -160,7 +162,7 @@ class StableDiffusion:
         original = mask = concat = pixels = None
         if init_image is not None:
             pixels = pil_to_tensor(resize_image(init_image, p.width, p.height, p.resize_mode))
-            original = self.encode_latents(pixels)
+            original = self.encode_latents(pixels, tiled)
         inpainting_model = self.config.unet.in_channels == 9
         if mask_image is not None:
             mask = load_mask(mask_image, p.width, p.height, p.resize_mode, blur=p.mask_blur)
@@ -170,7 +172,7 @@ class StableDiffusion:
             if inpainting_model:
                 # The 9-channel model sees the mask and the latent of the image with the masked part removed.
                 binary = (sharp >= 0.5).float()
-                masked = self.encode_latents(pixels * (1 - binary))
+                masked = self.encode_latents(pixels * (1 - binary), tiled)
                 concat = torch.cat([F.interpolate(binary, size=latent_size, mode="nearest").to(self.device),
                                     masked], dim=1)
         elif inpainting_model:
@@ -208,7 +210,7 @@ class StableDiffusion:
             if p.output == "latent":
                 latents_out.append(latents)
                 continue
-            decoded = self.decode_latents(latents)
+            decoded = self.decode_latents(latents, tiled)
             if mask is not None:
                 # Composite in pixels: the original outside the mask, the blurred edge feathered inwards only.
                 alpha = (mask * (sharp >= 0.5)).to(decoded.device)
@@ -252,21 +254,34 @@ class StableDiffusion:
         dtype = self.dtype
         return self.unet(x.to(dtype), t, context.to(dtype)).float()
 
-    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] (B, 3, H, W) -> scaled latents (the posterior mean; deterministic)."""
-        mean = self.vae.encode(pixels.to(self.device, self.dtype)).float()
-        return mean * self.config.vae.scaling_factor
+    def _vae_needs_tiles(self, width: int, height: int) -> bool:
+        """Tile when an untiled VAE pass would take more than half of the free memory."""
+        free = available_memory(self.device)
+        return free is not None and estimate_vae_memory(self.config, width, height, self.dtype) > free / 2
 
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [-1, 1], one image at a time to bound memory; a half-precision
-        decode that overflows is redone in float32."""
+    def encode_latents(self, pixels: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> scaled latents (the posterior mean; deterministic)."""
+        pixels = pixels.to(self.device, self.dtype)
+        mean = tiled_encode(self.vae, pixels) if tiled else self.vae.encode(pixels)
+        return mean.float() * self.config.vae.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1], one image at a time to bound memory (in tiles if `tiled`);
+        a half-precision decode that overflows is redone in float32."""
         out = []
+        decode = (lambda vae, z: tiled_decode(vae, z)) if tiled else (lambda vae, z: vae.decode(z))
         for z in (latents / self.config.vae.scaling_factor).split(1):
-            image = self.vae.decode(z.to(self.dtype)).float()
+            image = decode(self.vae, z.to(self.dtype)).float()
             if not torch.isfinite(image).all() and self.dtype != torch.float32:
-                image = _float32_copy(self.vae).decode(z.float())
+                image = decode(_float32_copy(self.vae), z.float())
             out.append(image.clamp(-1, 1))
         return torch.cat(out)
+
+    def compile(self, **options) -> "StableDiffusion":
+        """torch.compile the UNet and the VAE decoder (a one-time cost on the first image of each size)."""
+        self.unet = torch.compile(self.unet, **options)
+        self.vae.decoder = torch.compile(self.vae.decoder, **options)
+        return self
 
 
 def _float32_copy(module: torch.nn.Module) -> torch.nn.Module:

@@ -41,8 +41,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
-        # (B, C, H, W) -> (B, 1, H·W, C): one head whose tokens are the pixels.
-        q, k, v = (p(y).flatten(2).transpose(1, 2).unsqueeze(1) for p in (self.q, self.k, self.v))
+        # (B, C, H, W) -> (B, 1, H·W, C): one head whose tokens are the pixels. Contiguous, or attention falls
+        # back to a kernel that materialises the (H·W)² score matrix (2 GiB at 1024×1024 pixels).
+        q, k, v = (p(y).flatten(2).transpose(1, 2).contiguous().unsqueeze(1) for p in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj_out(out.squeeze(1).transpose(1, 2).reshape(b, c, h, w))
 

@@ -90,14 +90,16 @@ def reconstruction_report(vae: AutoencoderKL, dataset: ShapesDataset, count: int
     return {"mae_255": float(np.mean(errors)), "detector_accuracy": correct / count}
 
 
-def init_vae(vae: AutoencoderKL) -> None:
+def init_vae(vae: AutoencoderKL, initial_logvar: float = -6.0) -> None:
     """Zero the last layer of every residual branch (ResNet blocks, attention), so each block starts as the
-    identity and the signal passes straight through at initialisation (as ldm's `zero_module` does for
-    the UNet): the autoencoder then trains several times faster."""
+    identity (as ldm's `zero_module` does for the UNet), and start the posterior narrow (σ ≈ 0.05): at the
+    default σ ≈ 1 the decoder would first see mostly noise and learn to output average colours."""
     for name, module in vae.named_modules():
         if name.endswith((".conv2", ".proj_out")):
             torch.nn.init.zeros_(module.weight)
             torch.nn.init.zeros_(module.bias)
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels:] = initial_logvar  # second half of the moments: log σ²
 
 
 def train_vae(cfg: TrainConfig) -> Path:
@@ -166,6 +168,8 @@ def train_vae(cfg: TrainConfig) -> Path:
     weights = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
     save_state(final_path, {"config": dataclasses.asdict(config), "state_dict": weights, "metrics": metrics})
     checkpoint(finished=True)
+    for stale in ("latents.pt", "diffusion_state.pt"):  # made with the previous autoencoder's latents
+        (out / stale).unlink(missing_ok=True)
     print(f"vae: {step} steps in {budget.elapsed / 60:.1f} min; scaling factor {factor:.4f}; reconstruction "
           f"MAE {metrics['mae_255']:.2f}/255, detector accuracy on reconstructions {metrics['detector_accuracy']:.1%}")
     return final_path

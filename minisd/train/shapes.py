@@ -140,3 +140,25 @@ class ShapesDataset:
         spec = sample_caption(rng, self.omit_prob)
         truth = complete_spec(spec, rng)
         return Sample(render(truth, rng, self.size), spec.text, spec, truth)
+
+
+def parse_caption(text: str) -> CaptionSpec:
+    """The inverse of `CaptionSpec.text` for captions of the grammar; raises ValueError otherwise."""
+    words = text.strip().lower()
+    background = None
+    if "," in words:
+        words, _, rest = words.partition(",")
+        rest = rest.strip()
+        if not rest.endswith(" background") or rest[: -len(" background")] not in PALETTE:
+            raise ValueError(f"not a caption of the shapes grammar: {text!r}")
+        background = rest[: -len(" background")]
+    parts = words.split(" ", 3)
+    if len(parts) < 3 or parts[0] != "a" or parts[1] not in PALETTE or parts[2] not in SHAPES:
+        raise ValueError(f"not a caption of the shapes grammar: {text!r}")
+    position = None
+    if len(parts) == 4:
+        phrases = {phrase: name for name, (phrase, _) in POSITIONS.items()}
+        if parts[3] not in phrases:
+            raise ValueError(f"not a caption of the shapes grammar: {text!r}")
+        position = phrases[parts[3]]
+    return CaptionSpec(shape=parts[2], color=parts[1], position=position, background=background)
