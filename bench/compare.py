@@ -6,7 +6,7 @@ diffusers, minisd, diffusers, ... for every measurement. Each is run in fp32, in
 fastest configuration ("best"); OpenVINO joins as a third column when it is installed. The result is a markdown
 table on stdout (median [min-max], ratio) and a JSON file in bench/results/. bench/README.md explains the rows.
 
-    python bench/compare.py                      # the full benchmark (about half an hour on 2 cores)
+    python bench/compare.py                      # the full benchmark (30-45 minutes on 2 cores)
     python bench/compare.py --quick              # 256x256, 10 steps, 2 repetitions
     python bench/compare.py --config tiny --quick --sections unet,quality   # a smoke test in seconds
 """
@@ -411,7 +411,7 @@ class OpenVINOSide:
         precision = compiled[0].get_property("INFERENCE_PRECISION_HINT")  # an ov.Type: bf16 or f32
         precision = precision.get_type_name() if hasattr(precision, "get_type_name") else str(precision)
         threads = compiled[0].get_property("INFERENCE_NUM_THREADS")
-        label = f"OpenVINO {ov.__version__.split('-')[0]}, {precision}, {threads} threads"
+        label = f"OpenVINO {ov.__version__.split('-')[0]}, {precision}, threads: {threads}"
         return cls(*compiled, label=label, prepare_seconds=time.perf_counter() - start)
 
     def call(self, measurement: str, inputs: Inputs, steps: int) -> Call | None:
@@ -482,13 +482,15 @@ def counting_attention(counter) -> Iterator[dict[str, int]]:
         F.scaled_dot_product_attention = original
 
 
-def unet_flops(side: MinisdSide, inputs: Inputs) -> dict[str, int]:
+def unet_flops(unet: torch.nn.Module, inputs: Inputs) -> dict[str, int]:
     """FLOPs of one guided UNet step (minisd's UNet, the same architecture as diffusers'): torch's FlopCounterMode,
     with the attention counted by hand."""
     from torch.utils.flop_counter import FlopCounterMode
-    call = side.call("unet", inputs, 0)
+    unet = getattr(unet, "_orig_mod", unet)  # the eager module under a torch.compile wrapper
+    dtype = next(unet.parameters()).dtype
+    x, context = inputs.x.to(dtype), inputs.context.to(dtype)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter, counting_attention(counter) as tally:
-        call()
+        unet(x, inputs.t, context)
     counted = counter.get_total_flops()
     return {"total": counted + tally["correction"], "counted_by_torch": counted, "attention": tally["attention"],
             "attention_added": tally["correction"]}
@@ -697,7 +699,8 @@ def measure(s: Settings, variant: str, measurement: str, sides: dict[str, Any], 
         if estimate is not None:
             row.samples["openvino"], row.notes["openvino"] = [estimate], "estimate"
     run.rows.append(row)
-    log(f"{variant}: {measurement}: " + ", ".join(f"{n} {statistics.median(t):.2f} s" for n, t in row.samples.items()))
+    log(f"{variant}: {measurement}: "
+        + ", ".join(f"{n} {number(statistics.median(t), 'time')} s" for n, t in row.samples.items()))
 
 
 def openvino_e2e_estimate(rows: list[Row], variant: str, steps: int) -> float | None:
@@ -716,7 +719,7 @@ def bench_in_process(s: Settings, folder: Path) -> Run:
     for variant in s.variants:
         sides = load_sides(s, variant, folder, inputs, run)
         if run.flops is None and "unet" in s.sections:
-            run.flops = unet_flops(sides["minisd"], inputs)
+            run.flops = unet_flops(sides["minisd"].sd.unet, inputs)
             log(f"UNet step: {run.flops['total'] / 1e9:.1f} GFLOP")
         for measurement in wanted:
             measure(s, variant, measurement, sides, inputs, run)
