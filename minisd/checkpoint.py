@@ -46,9 +46,18 @@ class Components:
     source: Path | None
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles that PyTorch can use (its bf16 matmuls then run several times faster)."""
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)() and getattr(cpu, "_init_amx", lambda: False)())
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on CUDA, fp32 elsewhere (bf16 on AMX CPUs is chosen only where measured to be faster)."""
-    return torch.float16 if device.type == "cuda" else torch.float32
+    """fp16 on CUDA; on CPUs bf16 where AMX makes it fast, fp32 elsewhere: measured, on a CPU with AVX-512-BF16
+    but no AMX a bf16 UNet step was 1.3× slower than fp32 (bench/README.md)."""
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_amx() else torch.float32
 
 
 def no_release(tensor: torch.Tensor) -> None:
