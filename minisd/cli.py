@@ -149,6 +149,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.cli import run
+    torch.set_flush_denormal(True)
+    return run(args)
+
+
 def cmd_pnginfo(args: argparse.Namespace) -> int:
     from .image import read_infotext
     try:
@@ -232,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     for task, text in (("generate", "text to image"), ("img2img", "image to image"), ("inpaint", "repaint a mask")):
         add_generation_flags(sub.add_parser(task, help=text), task)
+
+    train = sub.add_parser("train", help="train the bundled demo model (autoencoder, then UNet + text encoder)")
+    from .train.cli import add_arguments
+    add_arguments(train)
+    train.set_defaults(run=cmd_train)
 
     pnginfo = sub.add_parser("pnginfo", help="print the generation parameters stored in an image")
     pnginfo.add_argument("image")

@@ -48,14 +48,21 @@ def edge_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
 
 
+def foreground_weight(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, H, W): `weight` where a pixel differs from its image's median colour
+    (the background, which covers most of every image), 1 elsewhere."""
+    background = x.flatten(2).median(dim=2).values[:, :, None, None]
+    return 1.0 + (weight - 1.0) * ((x - background).abs().sum(1, keepdim=True) > 0.1).float()
+
+
 def vae_loss(vae: AutoencoderKL, x: torch.Tensor, noise: torch.Tensor, cfg: VAETrainConfig
              ) -> tuple[torch.Tensor, dict[str, float]]:
-    """L1 + edge reconstruction of a posterior sample z = μ + σ·n, plus β·KL(q(z|x) ‖ N(0, I)) averaged
-    per latent element (KL of diagonal Gaussians: ½(μ² + σ² − 1 − log σ²))."""
+    """L1 (object pixels weighted up) + edge reconstruction of a posterior sample z = μ + σ·n, plus
+    β·KL(q(z|x) ‖ N(0, I)) averaged per latent element (KL of diagonal Gaussians: ½(μ² + σ² − 1 − log σ²))."""
     mean, logvar = vae.encode_moments(x)
     z = mean + (0.5 * logvar).exp() * noise
     reconstruction = vae.decode(z)
-    l1 = (reconstruction - x).abs().mean()
+    l1 = ((reconstruction - x).abs() * foreground_weight(x, cfg.object_weight)).mean()
     edge = edge_l1(reconstruction, x)
     kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).mean()
     loss = l1 + cfg.edge_weight * edge + cfg.kl_weight * kl
@@ -108,8 +115,9 @@ def train_vae(cfg: TrainConfig) -> Path:
     out, tc, device = Path(cfg.out_dir), cfg.vae, resolve_device(cfg.device)
     state_path, final_path = out / "vae_state.pt", out / "vae.pt"
     state: dict[str, Any] = load_state(state_path) if cfg.resume and state_path.exists() else {}
-    if state.get("finished") and final_path.exists():
-        print(f"vae: already trained ({final_path}); skipping")
+    if state.get("finished") and final_path.exists() and \
+            Budget(tc.steps, tc.minutes, state["elapsed"]).progress(state["step"]) >= 1.0:
+        print(f"vae: already trained ({final_path}); skipping (raise --vae-steps/--vae-minutes to continue)")
         return final_path
 
     torch.manual_seed(cfg.seed)  # the initial weights
@@ -123,7 +131,7 @@ def train_vae(cfg: TrainConfig) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         step, losses = state["step"], list(state["losses"])
         print(f"vae: resuming at step {step}")
-    dataset = ShapesDataset(cfg.seed)
+    dataset = ShapesDataset(cfg.seed, size=cfg.image_size)
     budget = Budget(tc.steps, tc.minutes, state.get("elapsed", 0.0))
 
     def checkpoint(finished: bool = False) -> None:
@@ -157,10 +165,10 @@ def train_vae(cfg: TrainConfig) -> Path:
             checkpoint()
     bar.close()
     vae.eval()
-    held_out = ShapesDataset(cfg.seed + HELD_OUT_SEED)
+    held_out = ShapesDataset(cfg.seed + HELD_OUT_SEED, size=cfg.image_size)
     started = time.monotonic()
     factor = scaling_factor(vae, held_out, tc.scale_batches, tc.batch_size, device)
-    metrics = reconstruction_report(vae, held_out, 256, device)
+    metrics = reconstruction_report(vae, held_out, tc.eval_images, device)
     metrics |= {"steps": step, "minutes": budget.elapsed / 60, "final_loss": float(np.mean(losses[-50:])),
                 "parameters": parameter_count(vae), "scaling_factor": factor,
                 "eval_seconds": time.monotonic() - started}

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--card", default=str(c.card), help="model card path, or 'none'")
     parser.add_argument("--device", default=c.device, help="cpu (default), cuda, cuda:1 ...")
     parser.add_argument("--seed", type=int, default=c.seed)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice); on a busy machine 1 can be faster")
     parser.add_argument("--resume", action="store_true", help="continue from the run state in --out-dir")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     parser.add_argument("--save-every", type=int, default=c.save_every, help="steps between run-state saves")
@@ -49,7 +51,7 @@ def config_from_args(args: argparse.Namespace, command: str) -> TrainConfig:
                                     lr=args.unet_lr, minutes=minutes(args.unet_minutes), num_latents=args.num_latents)
     return TrainConfig(out_dir=args.out_dir, output=args.output,
                        card=None if args.card.lower() == "none" else Path(args.card), device=args.device,
-                       seed=args.seed, save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
+                       seed=args.seed, threads=args.threads, save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
                        eval_prompts=args.eval_prompts, vae=vae, diffusion=diffusion, command=command)
 
 
@@ -65,14 +67,16 @@ def finish(cfg: TrainConfig, facts: dict) -> None:
     card = cfg.card
     if card is not None:
         card.parent.mkdir(parents=True, exist_ok=True)
-        vae_losses = load_state(Path(cfg.out_dir) / "vae_state.pt")["losses"]
+        vae_state = Path(cfg.out_dir) / "vae_state.pt"
+        vae_losses = load_state(vae_state)["losses"] if vae_state.exists() else []
         loss_png = card.with_name(card.stem + "_loss.png")
         save_loss_curves(loss_png, {"autoencoder loss": vae_losses, "diffusion loss": facts["losses"]})
         images["training loss"] = loss_png.name
     if cfg.eval_prompts:
         print(f"evaluating {facts['output']} on {cfg.eval_prompts} prompts ...")
         sd = load(facts["output"], device=cfg.device)
-        evaluation, results = evaluation_report(sd, cfg.eval_prompts, image_checks=min(20, cfg.eval_prompts))
+        evaluation, results = evaluation_report(sd, cfg.eval_prompts, image_checks=min(20, cfg.eval_prompts),
+                                                    size=cfg.image_size)
         print(evaluation)
         if card is not None:
             samples = card.with_name(card.stem + "_samples.png")
@@ -92,6 +96,8 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     from .diffusion import prepare_output, train_diffusion
 
     cfg = config_from_args(args, command or shlex.join(["minisd", *sys.argv[1:]]))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     if args.stage in ("unet", "all"):
         prepare_output(cfg)  # fail now, not after the autoencoder's quarter of an hour
     if args.stage in ("vae", "all"):

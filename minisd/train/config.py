@@ -23,22 +23,24 @@ DEMO_MODEL = ModelConfig(variant="sd1", unet=DEMO_UNET, vae=DEMO_VAE, text=DEMO_
 @dataclass
 class VAETrainConfig:
     """Autoencoder stage: L1 + edge reconstruction with a small KL term, on fresh images every step."""
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 50
+    steps: int = 2400
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     edge_weight: float = 1.0   # L1 between image gradients: keeps the shapes' edges sharp
+    object_weight: float = 5.0  # L1 weight of object pixels: the object is ~12% of the pixels but all the content
     kl_weight: float = 1e-5    # per latent element, relative to the per-pixel L1
     minutes: float | None = 15.0  # time budget; the learning-rate schedule is stretched over it
     scale_batches: int = 8     # batches whose latents set the scaling factor (1/std, as SD did)
+    eval_images: int = 256     # held-out images whose reconstructions are measured at the end
 
 
 @dataclass
 class DiffusionTrainConfig:
     """UNet + text-encoder stage: ε-prediction MSE at uniform t (DDPM Algorithm 1) on pre-encoded latents."""
-    steps: int = 8000
+    steps: int = 7000
     batch_size: int = 64
     lr: float = 5e-4
     warmup_steps: int = 200
@@ -59,6 +61,8 @@ class TrainConfig:
     card: Path | None = ASSETS / "DEMO_MODEL.md"
     device: str = "cpu"
     seed: int = 0
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+    image_size: int = 64       # the side of the training images (the latents are 8× smaller)
     save_every: int = 250      # steps between resumable checkpoints of the run state
     resume: bool = False
     overwrite: bool = False    # replace an existing output model

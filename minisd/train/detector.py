@@ -15,6 +15,7 @@ _NAMES = list(PALETTE)
 _COLORS = np.array([PALETTE[n] for n in _NAMES], dtype=np.float32)  # (K, 3)
 OBJECT_THRESHOLD = 60.0  # RGB distance from the background beyond which a pixel belongs to a foreground
 MIN_AREA = 0.015  # smallest object, as a fraction of the image (about 61 pixels at 64×64)
+MIN_PURITY = 0.5  # a colour counts only if most of the object is that colour (not noise of that median)
 ATTRIBUTES = ("background", "color", "shape", "position")
 
 
@@ -28,6 +29,7 @@ class Detection:
     mask: np.ndarray  # (H, W) bool: the object's pixels
     bbox: tuple[int, int, int, int] | None  # x0, y0, x1, y1, inclusive
     shape_scores: dict[str, float]  # IoU of the mask with each shape template
+    purity: float = 0.0  # share of the object's interior pixels nearest to its colour
 
     @property
     def found(self) -> bool:
@@ -99,7 +101,7 @@ def detect(image: Image.Image) -> Detection:
     mask = largest_component(foreground)
     background = _NAMES[bg_index]
     if mask.sum() < MIN_AREA * h * w:
-        return Detection(background, None, None, None, mask, None, {})
+        return Detection(background, None, None, None, mask, None, {}, 0.0)
     # Colour: the median of the interior (pixels whose 4 neighbours are all object), away from blended edges.
     interior = mask.copy()
     interior[1:] &= mask[:-1]
@@ -107,7 +109,8 @@ def detect(image: Image.Image) -> Detection:
     interior[:, 1:] &= mask[:, :-1]
     interior[:, :-1] &= mask[:, 1:]
     pixels = rgb[interior] if interior.any() else rgb[mask]
-    color = _NAMES[int(nearest_color(np.median(pixels, axis=0)))]
+    color_index = int(nearest_color(np.median(pixels, axis=0)))
+    purity = float((nearest_color(pixels) == color_index).mean())
     ys, xs = np.nonzero(mask)
     bbox = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
     scores = {name: iou(mask, template) for name, template in shape_templates(bbox, (h, w)).items()}
@@ -115,14 +118,15 @@ def detect(image: Image.Image) -> Detection:
     # Position from the box centre (a triangle's centroid sits low in its box; the box centre does not).
     fx, fy = (bbox[0] + bbox[2] + 1) / (2 * w), (bbox[1] + bbox[3] + 1) / (2 * h)
     position = min(POSITIONS, key=lambda p: (POSITIONS[p][1][0] - fx) ** 2 + (POSITIONS[p][1][1] - fy) ** 2)
-    return Detection(background, color, shape, position, mask, bbox, scores)
+    return Detection(background, _NAMES[color_index], shape, position, mask, bbox, scores, purity)
 
 
 def check(image: Image.Image | Detection, spec: CaptionSpec) -> dict[str, bool]:
     """Per-attribute agreement of an image with what its caption says (attributes the caption leaves
-    open are not checked), and "all": every checked attribute matches."""
+    open are not checked), and "all": every checked attribute matches. The object's colour must also be
+    pure (`MIN_PURITY`): a noisy blob whose median happens to be right does not count."""
     found = image if isinstance(image, Detection) else detect(image)
-    result = {"color": found.color == spec.color, "shape": found.shape == spec.shape}
+    result = {"color": found.color == spec.color and found.purity >= MIN_PURITY, "shape": found.shape == spec.shape}
     if spec.position is not None:
         result["position"] = found.position == spec.position
     if spec.background is not None:

@@ -62,7 +62,7 @@ def encode_dataset(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     """Draw `num_latents` images and captions and encode the images once with the trained autoencoder:
     posterior means and standard deviations, so every step can sample z ~ q(z|x) as SD's training did."""
     vae, vae_config, _ = load_trained_vae(Path(cfg.out_dir) / "vae.pt", device)
-    dataset = ShapesDataset(cfg.seed + DATASET_SEED, omit_prob=cfg.diffusion.omit_prob)
+    dataset = ShapesDataset(cfg.seed + DATASET_SEED, size=cfg.image_size, omit_prob=cfg.diffusion.omit_prob)
     count, means, stds, captions = cfg.diffusion.num_latents, [], [], []
     for start in tqdm(range(0, count, 64), desc="encoding latents", unit="batch", dynamic_ncols=True):
         samples = [dataset[i] for i in range(start, min(count, start + 64))]

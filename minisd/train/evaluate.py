@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .detector import ATTRIBUTES, check, detect, iou
+from .detector import ATTRIBUTES, MIN_PURITY, check, detect, iou
 from .shapes import COLORS, CaptionSpec, ShapesDataset, sample_caption
 
 EVAL_SEED = 777  # prompts, init images and generation seeds: a stream the training never drew from
@@ -91,7 +91,8 @@ def img2img_checks(model: TextToImage, n: int = 20, *, seed: int = EVAL_SEED, st
         new = replace(sample.truth, color=other_color(rng, sample.truth.color, sample.truth.background))
         changed = model.img2img(sample.image, new.text, strength=high, width=size, height=size, steps=steps,
                                 seed=seed + i, **options)[0]
-        recolored += detect(changed).color == new.color
+        found = detect(changed)
+        recolored += found.color == new.color and found.purity >= MIN_PURITY
     return {"layout_kept": float(np.mean([v >= LAYOUT_IOU for v in ious])), "layout_iou_mean": float(np.mean(ious)),
             "recolored": recolored / n}
 
@@ -108,19 +109,21 @@ def object_mask(image: Image.Image, margin: int = 4) -> Image.Image:
 def inpaint_checks(model: TextToImage, n: int = 20, *, seed: int = EVAL_SEED, steps: int = 20, size: int = 64,
                    strength: float = 1.0, **options: Any) -> dict[str, float]:
     """On `n` dataset images, repaint a box around the object with "a <new colour> <shape>": the object
-    found afterwards has the new colour and lies inside the box, and outside the box the mean change is
-    at most 2/255."""
+    found afterwards has the new colour (pure, not noise) and lies inside the box, and outside the box
+    the mean change is at most 2/255."""
     dataset, rng = ShapesDataset(seed + 1, size=size), random.Random(seed + 1)
     inside_ok, outside_ok, outside_change = 0, 0, []
     for i in range(n):
         sample = dataset[i]
         mask = object_mask(sample.image)
         color = other_color(rng, sample.truth.color, sample.truth.background)
-        out = model.inpaint(sample.image, mask, f"a {color} {sample.truth.shape}", strength=strength, width=size,
+        prompt = CaptionSpec(sample.truth.shape, color).text  # "a <colour> <shape>"
+        out = model.inpaint(sample.image, mask, prompt, strength=strength, width=size,
                             height=size, steps=steps, seed=seed + i, **options)[0]
         inside = np.asarray(mask) > 127
         found = detect(out)
-        inside_ok += found.color == color and found.mask[inside].sum() >= 0.8 * found.mask.sum()
+        inside_ok += (found.color == color and found.purity >= MIN_PURITY
+                      and found.mask[inside].sum() >= 0.8 * found.mask.sum())
         before = np.asarray(sample.image.convert("RGB"), dtype=np.float32)
         after = np.asarray(out.convert("RGB"), dtype=np.float32)
         change = float(np.abs(after - before)[~inside].mean())

@@ -47,7 +47,8 @@ class CaptionSpec:
     @property
     def text(self) -> str:
         """The caption, e.g. "a red circle on the left, blue background"."""
-        words = f"a {self.color} {self.shape}"
+        article = "an" if self.color[0] in "aeiou" else "a"
+        words = f"{article} {self.color} {self.shape}"
         if self.position is not None:
             words += " " + POSITIONS[self.position][0]
         if self.background is not None:
@@ -153,7 +154,7 @@ def parse_caption(text: str) -> CaptionSpec:
             raise ValueError(f"not a caption of the shapes grammar: {text!r}")
         background = rest[: -len(" background")]
     parts = words.split(" ", 3)
-    if len(parts) < 3 or parts[0] != "a" or parts[1] not in PALETTE or parts[2] not in SHAPES:
+    if len(parts) < 3 or parts[0] not in ("a", "an") or parts[1] not in PALETTE or parts[2] not in SHAPES:
         raise ValueError(f"not a caption of the shapes grammar: {text!r}")
     position = None
     if len(parts) == 4:
