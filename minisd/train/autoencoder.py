@@ -164,14 +164,15 @@ def train_vae(cfg: TrainConfig) -> Path:
         if step % cfg.save_every == 0:
             checkpoint()
     bar.close()
+    train_minutes = budget.elapsed / 60
     vae.eval()
     held_out = ShapesDataset(cfg.seed + HELD_OUT_SEED, size=cfg.image_size)
     started = time.monotonic()
     factor = scaling_factor(vae, held_out, tc.scale_batches, tc.batch_size, device)
     metrics = reconstruction_report(vae, held_out, tc.eval_images, device)
-    metrics |= {"steps": step, "minutes": budget.elapsed / 60, "final_loss": float(np.mean(losses[-50:])),
+    metrics |= {"steps": step, "minutes": train_minutes, "final_loss": float(np.mean(losses[-50:])),
                 "parameters": parameter_count(vae), "scaling_factor": factor,
-                "eval_seconds": time.monotonic() - started}
+                "eval_seconds": time.monotonic() - started, "train_config": dataclasses.asdict(tc)}
     config = dataclasses.replace(cfg.model.vae, scaling_factor=round(factor, 5))
     weights = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
     save_state(final_path, {"config": dataclasses.asdict(config), "state_dict": weights, "metrics": metrics})

@@ -2,6 +2,7 @@
 sizes, parameter counts, training time and hardware, evaluation, and the command that reproduces it."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import platform
 from pathlib import Path
@@ -32,7 +33,9 @@ def model_card(cfg: TrainConfig, facts: dict[str, Any], evaluation: str | None, 
     """The card's Markdown. `facts` come from `train_diffusion`, `evaluation` is a Markdown section or None,
     `images` maps a caption to a file name beside the card."""
     config, vae, params = facts["config"], facts["vae"], facts["parameters"]
-    u, v, t, tv, td = config.unet, config.vae, config.text, cfg.vae, cfg.diffusion
+    u, v, t, td = config.unet, config.vae, config.text, cfg.diffusion
+    # The autoencoder's settings as it was trained (its stage may have run under another command).
+    tv = dataclasses.replace(cfg.vae, **vae.get("train_config", {}))
     example = CaptionSpec("circle", "red", "left", "blue").text
     total = sum(params.values())
     lines = [
@@ -79,7 +82,8 @@ def model_card(cfg: TrainConfig, facts: dict[str, Any], evaluation: str | None, 
         "",
         "| stage | steps × batch | learning rate | time | final loss |",
         "|---|---|---|---|---|",
-        f"| autoencoder: L1 + {tv.edge_weight:g}·edge L1 + {tv.kl_weight:g}·KL | {vae['steps']:,} × {tv.batch_size} "
+        f"| autoencoder: L1 (object pixels ×{tv.object_weight:g}) + {tv.edge_weight:g}·edge L1 + {tv.kl_weight:g}·KL "
+        f"| {vae['steps']:,} × {tv.batch_size} "
         f"| {tv.lr:g}, warm-up {tv.warmup_steps}, cosine | {vae['minutes']:.1f} min | {vae['final_loss']:.4f} |",
         f"| latents: {facts['latents']:,} images encoded once | | | {facts['encode_minutes']:.1f} min | |",
         f"| UNet + text encoder: ε-MSE at uniform t, EMA {td.ema_decay:g} | {facts['steps']:,} × {td.batch_size} "
