@@ -74,6 +74,7 @@ class ScheduleConfig:
 class ModelConfig:
     """A whole latent diffusion model: the three networks and their schedule."""
     variant: str = "sd1"
+    image_size: int = 512  # the resolution it was trained at: the default width and height of its images
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
@@ -90,14 +91,28 @@ class ModelConfig:
             known = {f.name for f in dataclasses.fields(kind)}
             return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known})
 
-        return cls(variant=raw.get("variant", "sd1"), unet=build(UNetConfig, raw.get("unet", {})),
+        return cls(variant=raw.get("variant", "sd1"), image_size=raw.get("image_size", 512),
+                   unet=build(UNetConfig, raw.get("unet", {})),
                    vae=build(VAEConfig, raw.get("vae", {})), text=build(CLIPTextConfig, raw.get("text", {})),
                    schedule=build(ScheduleConfig, raw.get("schedule", {})))
+
+
+# The bundled demo model (minisd/train): a small SD 1.x-layout model for 64×64 images.
+# f = 8 like SD: 64×64 images <-> 4×8×8 latents. Three down-samplings need four levels.
+DEMO_VAE = VAEConfig(channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, latent_channels=4, norm_groups=8)
+# CLIP's 64-channel heads (one head at width 64). The 49408×64 token table keeps the standard vocabulary
+# although the grammar uses a few dozen ids: the file stays an ordinary SD 1.x checkpoint.
+DEMO_TEXT = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=1)
+# Two levels (8×8 and 4×4 latents), attention at both and in the middle block.
+DEMO_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=2, attention_levels=(0, 1),
+                       num_heads=4, context_dim=DEMO_TEXT.hidden_size, norm_groups=32)
+DEMO = ModelConfig(variant="sd1", image_size=64, unet=DEMO_UNET, vae=DEMO_VAE, text=DEMO_TEXT)
 
 
 PRESETS: dict[str, ModelConfig] = {
     "sd1": ModelConfig(),
     "sd1-inpaint": ModelConfig(variant="sd1-inpaint", unet=UNetConfig(in_channels=9)),
+    "demo": DEMO,
     # Millisecond-sized networks for tests: every structural feature of SD 1.x, tiny widths.
     "tiny": ModelConfig(
         variant="sd1",

@@ -28,8 +28,8 @@ class GenerationParams:
     "Automatic" means the sampler's own default. `strength` is img2img/inpaint's denoising strength."""
     prompt: str = ""
     negative_prompt: str = ""
-    width: int = 512
-    height: int = 512
+    width: int | None = None   # None: the model's own resolution (512 for SD 1.x)
+    height: int | None = None
     steps: int = 20
     cfg_scale: float = 7.5
     sampler: str = "DPM++ 2M"
@@ -53,6 +53,8 @@ class GenerationParams:
         """A copy with names made canonical and the seed drawn; raises ParameterError on bad values."""
         p = dataclasses.replace(self)
         for name in ("width", "height"):
+            if getattr(p, name) is None:
+                continue  # filled in from the model by StableDiffusion.generate
             value = _integer(name, getattr(p, name))
             if value % 8 or not 8 <= value <= MAX_SIDE:
                 low, high = max(8, value // 8 * 8), max(8, (value + 7) // 8 * 8)

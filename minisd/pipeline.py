@@ -3,6 +3,7 @@ txt2img, img2img and inpaint, sharing one sampling routine: prompt -> conditioni
 sampler(denoiser) -> latents -> VAE decode -> images with their A1111 infotext."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
@@ -125,7 +126,9 @@ class StableDiffusion:
         """The one sampling routine behind the three tasks; returns PIL images (each with its A1111
         infotext in `.info["parameters"]` and its seed in `.info["seed"]`) or, for output="latent", the
         latents (B, 4, H/8, W/8) before decoding."""
-        p = params.validated()
+        size = self.config.image_size
+        p = dataclasses.replace(params, width=size if params.width is None else params.width,
+                                height=size if params.height is None else params.height).validated()
         if mask_image is not None and init_image is None:
             raise ParameterError("inpainting needs an init image as well as the mask")
         if p.inpaint_only_masked and mask_image is not None and p.output == "pil":
@@ -229,7 +232,7 @@ class StableDiffusion:
         if box is None:
             raise ParameterError("the mask is empty: nothing to inpaint")
         crop_image, crop_mask = init_image.crop(box), mask_image.convert("RGBA").crop(box)
-        inner = GenerationParams(**{**p.__dict__, "inpaint_only_masked": False})
+        inner = dataclasses.replace(p, inpaint_only_masked=False)
         patches = self.generate(inner, crop_image, crop_mask, noise, callback)
         alpha = load_mask(mask_image, init_image.width, init_image.height, blur=p.mask_blur)
         alpha = (alpha * (full_mask >= 0.5))[0, 0]

@@ -22,6 +22,11 @@ from minisd.config import PRESETS
 from minisd.testing import diffusers_config_folder, random_state_dict, write_checkpoint
 
 
+def load_fp32(source, **options) -> minisd.StableDiffusion:
+    """Loaded in the file's own precision, whatever this machine's default would be."""
+    return minisd.load(source, dtype=torch.float32, **options)
+
+
 def tensors(sd: minisd.StableDiffusion) -> dict[str, torch.Tensor]:
     return sd.state_dict()
 
@@ -58,11 +63,11 @@ def write_ckpt(path: Path, state: dict[str, torch.Tensor]):
 def test_safetensors_ckpt_and_diffusers_folders_load_identically(tmp_path, tiny_config):
     path = tmp_path / "m.safetensors"
     state = write_checkpoint(path, tiny_config, seed=7)
-    reference = tensors(minisd.load(path))
+    reference = tensors(load_fp32(path))
     assert_same_weights(reference, {k: v for k, v in state.items()})
 
     write_ckpt(tmp_path / "m.ckpt", state)
-    assert_same_weights(tensors(minisd.load(tmp_path / "m.ckpt", config=tiny_config)), reference)
+    assert_same_weights(tensors(load_fp32(tmp_path / "m.ckpt", config=tiny_config)), reference)
 
     # A diffusers folder written by diffusers and transformers themselves (transformers 5 drops `text_model.`).
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -76,12 +81,12 @@ def test_safetensors_ckpt_and_diffusers_folders_load_identically(tmp_path, tiny_
     text.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=False)
     text.save_pretrained(folder / "text_encoder")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    assert_same_weights(tensors(minisd.load(folder)), reference)
+    assert_same_weights(tensors(load_fp32(folder)), reference)
 
     # ... and the folder `minisd convert` writes, which diffusers reads back to the same weights.
     subprocess.run([sys.executable, "-m", "minisd", "convert", str(path), str(tmp_path / "by-minisd")], check=True,
                    capture_output=True)
-    assert_same_weights(tensors(minisd.load(tmp_path / "by-minisd")), reference)
+    assert_same_weights(tensors(load_fp32(tmp_path / "by-minisd")), reference)
     reread = UNet2DConditionModel.from_pretrained(tmp_path / "by-minisd", subfolder="unet").state_dict()
     written = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()
     assert_same_weights(reread, written)
@@ -112,8 +117,8 @@ def test_ema_weights_are_chosen_when_present(tmp_path, tiny_config):
             "betas": torch.rand(1000), "alphas_cumprod": torch.rand(1000), "logvar": torch.zeros(1000),
             "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77.0)[None]}
     save_file(full, str(tmp_path / "ema.safetensors"))
-    with_ema = minisd.load(tmp_path / "ema.safetensors", config=tiny_config)
-    without = minisd.load(tmp_path / "ema.safetensors", config=tiny_config, use_ema=False)
+    with_ema = load_fp32(tmp_path / "ema.safetensors", config=tiny_config)
+    without = load_fp32(tmp_path / "ema.safetensors", config=tiny_config, use_ema=False)
     assert with_ema.has_ema and not without.has_ema
     key = unet_keys[0]
     name = key.removeprefix("model.diffusion_model.")
@@ -126,7 +131,7 @@ def test_text_encoder_keys_without_text_model_level(tmp_path, tiny_config):
     prefix = "cond_stage_model.transformer.text_model."
     flat = {k.replace(prefix, "cond_stage_model.transformer."): v for k, v in state.items()}
     save_file(flat, str(tmp_path / "flat.safetensors"))
-    assert_same_weights(tensors(minisd.load(tmp_path / "flat.safetensors", config=tiny_config)), state)
+    assert_same_weights(tensors(load_fp32(tmp_path / "flat.safetensors", config=tiny_config)), state)
 
 
 def test_dtype_is_cast_once_at_load(tiny_checkpoint):

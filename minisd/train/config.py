@@ -5,19 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import CLIPTextConfig, ModelConfig, UNetConfig, VAEConfig
+from ..config import PRESETS, ModelConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
-# f = 8 like SD: 64×64 images <-> 4×8×8 latents. Three down-samplings need four levels.
-DEMO_VAE = VAEConfig(channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, latent_channels=4, norm_groups=8)
-# CLIP's 64-channel heads (one head at width 64). The 49408×64 token table keeps the standard vocabulary
-# although the grammar uses a few dozen ids: the file stays an ordinary SD 1.x checkpoint.
-DEMO_TEXT = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=1)
-# Two levels (8×8 and 4×4 latents), attention at both and in the middle block.
-DEMO_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=2, attention_levels=(0, 1),
-                       num_heads=4, context_dim=DEMO_TEXT.hidden_size, norm_groups=32)
-DEMO_MODEL = ModelConfig(variant="sd1", unet=DEMO_UNET, vae=DEMO_VAE, text=DEMO_TEXT)
+DEMO_MODEL = PRESETS["demo"]  # the architecture: config.py's "demo" preset
 
 
 @dataclass
