@@ -227,3 +227,15 @@ def test_full_sd15_txt2img_equals_diffusers(tmp_path):
     ref_latents = ref(prompt=PROMPT, height=64, width=64, num_inference_steps=4, guidance_scale=7.5,
                       latents=seeds_noise([9], (4, 8, 8)), output_type="latent").images
     assert relative(latents, ref_latents) <= 1e-4
+
+
+def test_a_request_that_cannot_fit_in_memory_is_refused_before_starting(tiny):
+    _, _, sd = tiny
+    with pytest.raises(minisd.ParameterError, match="GiB, but only .* GiB is free"):
+        sd.txt2img(PROMPT, width=8192, height=8192, batch_size=64, steps=1)
+
+
+def test_default_size_is_the_models_own(tiny):
+    _, config, sd = tiny
+    (image,) = sd.txt2img(PROMPT, steps=1, seed=1)
+    assert image.size == (config.image_size, config.image_size) == (512, 512)
