@@ -17,7 +17,8 @@ from ..config import VAEConfig
 from ..models.vae import AutoencoderKL
 from .config import TrainConfig, VAETrainConfig
 from .detector import check
-from .loop import Budget, learning_rate, load_state, parameter_count, resolve_device, save_state, step_generator
+from .loop import (Budget, learning_rate, load_state, optimizer_step, parameter_count, resolve_device, save_state,
+                   step_generator)
 from .plot import save_loss_curves
 from .shapes import ShapesDataset
 
@@ -151,14 +152,8 @@ def train_vae(cfg: TrainConfig) -> Path:
         noise = torch.randn(x.shape[0], cfg.model.vae.latent_channels, x.shape[2] // 8, x.shape[3] // 8,
                             generator=step_generator(cfg.seed, step)).to(device)
         loss, parts = vae_loss(vae, x, noise, tc)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), tc.grad_clip)
-        optimizer.step()
+        losses.append(optimizer_step(optimizer, loss, vae.parameters(), tc.grad_clip, "vae", step))
         step += 1
-        losses.append(loss.item())
-        if not np.isfinite(losses[-1]):
-            raise FloatingPointError(f"vae: loss became {losses[-1]} at step {step}")
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", l1=f"{parts['l1']:.4f}", lr=f"{lr:.2e}")
         if step % cfg.save_every == 0:

@@ -21,8 +21,8 @@ from ..schedule import DiscreteSchedule
 from ..tokenizer import EOS_ID, MAX_LENGTH, CLIPTokenizer
 from .autoencoder import load_trained_vae, to_tensor
 from .config import TrainConfig
-from .loop import (EMA, Budget, learning_rate, load_state, parameter_count, resolve_device, save_state,
-                   step_generator)
+from .loop import (EMA, Budget, learning_rate, load_state, optimizer_step, parameter_count, resolve_device,
+                   save_state, step_generator)
 from .plot import save_loss_curves
 from .shapes import ShapesDataset
 
@@ -157,15 +157,9 @@ def train_diffusion(cfg: TrainConfig) -> dict[str, Any]:
         ids = torch.where(drop[:, None], empty_ids, vocabulary[caption_index[index]])
         loss = diffusion_loss(unet, text_encoder, x0.to(device), ids.to(device), t.to(device), noise.to(device),
                               alphas_cumprod)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        optimizer.step()
+        losses.append(optimizer_step(optimizer, loss, params, tc.grad_clip, "diffusion", step))
         ema.update()
         step += 1
-        losses.append(loss.item())
-        if not np.isfinite(losses[-1]):
-            raise FloatingPointError(f"diffusion: loss became {losses[-1]} at step {step}")
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
         if step % cfg.save_every == 0:

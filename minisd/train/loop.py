@@ -74,6 +74,20 @@ class EMA:
             mine.copy_(saved)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parameters: Iterable[torch.Tensor],
+                   grad_clip: float, stage: str, step: int) -> float:
+    """One update: backpropagate, clip the gradient norm, step. Returns the loss; a loss that is no longer
+    finite stops the run rather than writing a broken model."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{stage}: loss became {value} at step {step + 1}")
+    return value
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """A CPU generator for one step's randomness (batch, timesteps, noise): a resumed run draws exactly
     what the uninterrupted run would have drawn, without saving generator states."""
