@@ -60,7 +60,7 @@ PARAM_FLAGS = {"negative_prompt": "negative_prompt", "width": "width", "height":
 
 
 def open_image(path: str, what: str):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     from .image import load_image
     try:

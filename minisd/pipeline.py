@@ -19,7 +19,7 @@ from .config import ModelConfig
 from .denoiser import CFGDenoiser, LCMDenoiser, make_denoiser
 from .errors import ParameterError
 from .hashes import a1111_short_hash
-from .image import blur_mask, load_mask, mask_bbox, pil_to_tensor, resize_image, tensor_to_pil
+from .image import load_mask, mask_bbox, pil_to_tensor, resize_image, tensor_to_pil
 from .memory import available_memory, estimate_generation_memory, estimate_vae_memory
 from .models.clip import CLIPTextModel
 from .models.unet import UNetModel

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.vae import AutoencoderKL, Downsample, Level, ResnetBlock, Upsample
+from .models.vae import AutoencoderKL, Downsample, Level, ResnetBlock
 
 Prologue = Callable[[torch.Tensor], torch.Tensor]
 
@@ -96,9 +96,9 @@ def banded_resnet(block: ResnetBlock, x: torch.Tensor, band: int) -> torch.Tenso
 def banded_level(level: Level, x: torch.Tensor, band: int) -> torch.Tensor:
     for block in level.block:
         x = banded_resnet(block, x, band)
-    if isinstance(getattr(level, level.resample or "", None), Upsample):
+    if level.resample == "upsample":
         return banded_conv(level.upsample.conv, x, band, upsample=True)
-    if level.resample:
+    if level.resample == "downsample":
         return banded_downsample(level.downsample, x, band)
     return x
 
