@@ -103,8 +103,10 @@ DEMO_VAE = VAEConfig(channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1, l
 # CLIP's 64-channel heads (one head at width 64). The 49408×64 token table keeps the standard vocabulary
 # although the grammar uses a few dozen ids: the file stays an ordinary SD 1.x checkpoint.
 DEMO_TEXT = CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=1)
-# Two levels (8×8 and 4×4 latents), attention at both and in the middle block.
-DEMO_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=2, attention_levels=(0, 1),
+# Three levels (8×8, 4×4 and 2×2 latents), attention at all of them and in the middle block. SD's UNet has no
+# positional embedding, zero padding is its only sense of place, and a 2×2 level makes the quadrants plain to
+# it (alone this did not teach "on the left"; the text encoder's initialisation did, see train/diffusion.py).
+DEMO_UNET = UNetConfig(model_channels=64, channel_mult=(1, 1, 2), num_res_blocks=2, attention_levels=(0, 1, 2),
                        num_heads=4, context_dim=DEMO_TEXT.hidden_size, norm_groups=32)
 DEMO = ModelConfig(variant="sd1", image_size=64, unet=DEMO_UNET, vae=DEMO_VAE, text=DEMO_TEXT)
 

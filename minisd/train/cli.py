@@ -80,7 +80,7 @@ def finish(cfg: TrainConfig, facts: dict) -> None:
         print(evaluation)
         if card is not None:
             samples = card.with_name(card.stem + "_samples.png")
-            image_grid(results[1].images[:32], cols=8).save(samples)
+            image_grid(results[-1].images[:32], cols=8).save(samples)
             images["samples at the default CFG for the first evaluation prompts"] = samples.name
     if card is not None:
         from .card import model_card

@@ -51,9 +51,13 @@ def init_unet(unet: UNetModel) -> None:
 
 
 def init_text_encoder(text_encoder: CLIPTextModel) -> None:
-    """CLIP's initialisation of the embeddings (std 0.02 for tokens, 0.01 for positions), not N(0, 1)."""
+    """Token embeddings N(0, 1), positions N(0, 0.01²). CLIP's own 0.02 for tokens makes a word's embedding
+    small against what the blocks add to the residual stream, so words that the UNet does not use yet stay
+    nearly invisible in the encoder's output and never get a gradient: with 0.02, "on the left" and "at the
+    top" encoded alike after 43 minutes of training and position stayed at chance (22%); with N(0, 1) every
+    word is distinct from the first step: position at 50% after 12 minutes, 100% after the 60-minute run."""
     embeddings = text_encoder.text_model.embeddings
-    torch.nn.init.normal_(embeddings.token_embedding.weight, std=0.02)
+    torch.nn.init.normal_(embeddings.token_embedding.weight, std=1.0)
     torch.nn.init.normal_(embeddings.position_embedding.weight, std=0.01)
 
 
@@ -172,8 +176,8 @@ def train_diffusion(cfg: TrainConfig) -> dict[str, Any]:
     unet_ema, text_ema = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     ema.copy_to([unet_ema, text_ema])
     vae, vae_config, vae_metrics = load_trained_vae(out / "vae.pt", torch.device("cpu"))
-    config = ModelConfig(variant="sd1", unet=cfg.model.unet, vae=vae_config, text=cfg.model.text,
-                         schedule=cfg.model.schedule)
+    config = ModelConfig(variant="sd1", image_size=cfg.image_size, unet=cfg.model.unet, vae=vae_config,
+                         text=cfg.model.text, schedule=cfg.model.schedule)
     output = Path(cfg.output)
     prepare_output(cfg)
     if output.exists():

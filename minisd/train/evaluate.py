@@ -139,20 +139,23 @@ def format_adherence(results: list[Adherence], default_cfg: float) -> str:
              "|---|---|" + "---|" * (len(ATTRIBUTES) + 2)]
     for r in results:
         scale = r.cfg_scale if r.cfg_scale is not None else default_cfg
+        label = "0 (unconditional)" if scale == 0 else "1 (unguided)" if scale == 1 else f"{scale:g}"
         cells = " | ".join(f"{r.accuracy[a]:.0%}" for a in ATTRIBUTES)
-        lines.append(f"| {scale:g} | {r.prompts} | {cells} | **{r.accuracy['all']:.0%}** | {r.seconds_per_image:.2f} |")
+        lines.append(f"| {label} | {r.prompts} | {cells} | **{r.accuracy['all']:.0%}** | {r.seconds_per_image:.2f} |")
     return "\n".join(lines)
 
 
 def evaluation_report(model: TextToImage, n: int = 100, *, image_checks: int = 20, steps: int = 20, size: int = 64,
                       seed: int = EVAL_SEED) -> tuple[str, list[Adherence]]:
-    """The whole evaluation as a Markdown section: adherence at CFG 1 and at the pipeline's default CFG,
-    the img2img and the inpainting checks. Also returns the adherence results (with their images)."""
+    """The whole evaluation as a Markdown section: adherence at CFG 0 (the unconditional model: what the
+    images owe to the prompt), at CFG 1 (the conditional model, unguided) and at the pipeline's default CFG,
+    the img2img and the inpainting checks. Also returns the adherence results (with their images), the
+    default CFG's last."""
     from ..params import GenerationParams  # the pipeline's defaults: sampler and CFG scale
 
     defaults = GenerationParams()
-    results = [adherence(model, n, seed=seed, steps=steps, cfg_scale=1.0, size=size),
-               adherence(model, n, seed=seed, steps=steps, size=size)]
+    results = [adherence(model, n, seed=seed, steps=steps, cfg_scale=scale, size=size) for scale in (0.0, 1.0)]
+    results.append(adherence(model, n, seed=seed, steps=steps, size=size))
     lines = ["## Evaluation", "",
              f"{n} prompts drawn from the caption grammar, one image each (fresh seeds), {steps} steps of "
              f"{defaults.sampler}, {size}×{size}; the deterministic detector (`minisd/train/detector.py`) checks "
@@ -167,5 +170,5 @@ def evaluation_report(model: TextToImage, n: int = 100, *, image_checks: int = 2
                   f"Inpainting a box around the object with \"a <new colour> <shape>\" (strength 1.0): the new colour "
                   f"inside the mask in {inp['new_color_inside']:.0%}, nothing changed outside in "
                   f"{inp['unchanged_outside']:.0%} (mean change {inp['outside_change_255']:.2f}/255).", ""]
-    lines.append(f"Time per {steps}-step image at the default CFG: {results[1].seconds_per_image:.2f} s.")
+    lines.append(f"Time per {steps}-step image at the default CFG: {results[-1].seconds_per_image:.2f} s.")
     return "\n".join(lines), results
