@@ -56,7 +56,8 @@ PARAM_FLAGS = {"negative_prompt": "negative_prompt", "width": "width", "height":
                "batch_size": "batch_size", "n_iter": "n_iter", "clip_skip": "clip_skip", "strength": "strength",
                "mask_blur": "mask_blur", "inpaint_only_masked": "inpaint_only_masked",
                "padding": "only_masked_padding", "resize_mode": "resize_mode", "eta": "eta",
-               "guidance_rescale": "guidance_rescale", "emphasis": "emphasis", "tiled_vae": "tiled_vae"}
+               "guidance_rescale": "guidance_rescale", "emphasis": "emphasis", "tiled_vae": "tiled_vae",
+               "sequential_guidance": "sequential_guidance"}
 
 
 def open_image(path: str, what: str):
@@ -189,6 +190,9 @@ def add_generation_flags(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--emphasis", choices=["Original", "No norm", "Ignore", "None"])
     p.add_argument("--tiled-vae", dest="tiled_vae", action=argparse.BooleanOptionalAction, default=None,
                    help="decode/encode in tiles (default: only when an untiled pass would not fit in memory)")
+    p.add_argument("--sequential-guidance", dest="sequential_guidance", action=argparse.BooleanOptionalAction,
+                   default=None, help="run the UNet on the prompt and the negative prompt one after the other: "
+                   "half the activation memory, a little slower (default: only when batched would not fit)")
     p.add_argument("--outdir", default="outputs", help="folder for <counter>-<seed>.png files (default: outputs)")
     p.add_argument("--output", "-o", metavar="FILE", help="write the single image to FILE instead")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")

@@ -131,7 +131,8 @@ class CFGDenoiser:
     cond/uncond are (B, L, D) or (1, L, D) text embeddings; `concat` optional extra input channels
     (B, c, h, w) shared by both halves. With scale == 1 and no rescale, the uncond pass is skipped (same result).
     Guidance rescale (φ = `rescale`) acts on the model's own output space (ε or v), as diffusers does.
-    When cond and uncond differ in length (prompts of different chunk counts) two UNet calls are made.
+    When cond and uncond differ in length (prompts of different chunk counts), or with `sequential` (half
+    the activation memory for low-memory machines), cond and uncond take two UNet calls.
     """
 
     def __init__(
@@ -143,8 +144,10 @@ class CFGDenoiser:
         *,
         rescale: float = 0.0,
         concat: Tensor | None = None,
+        sequential: bool = False,
     ) -> None:
         self.model = model
+        self.sequential = sequential
         self.cond = cond
         self.uncond = uncond
         self.scale = float(scale)
@@ -161,7 +164,7 @@ class CFGDenoiser:
         if self.uncond is None or (self.scale == 1.0 and self.rescale == 0.0):
             return self.model(x, sigma, cond, self.concat)
         uncond = self._ctx(self.uncond, b)
-        if cond.shape[1:] == uncond.shape[1:]:
+        if cond.shape[1:] == uncond.shape[1:] and not self.sequential:
             concat = None if self.concat is None else torch.cat([self.concat, self.concat])
             both = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, uncond]), concat)
             d_cond, d_uncond = both[:b], both[b:]

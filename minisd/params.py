@@ -47,6 +47,8 @@ class GenerationParams:
     guidance_rescale: float = 0.0
     emphasis: str = "Original"
     tiled_vae: bool | None = None  # None: tile the VAE only when an untiled pass would not fit in memory
+    # None: cond and uncond in one batched UNet call unless only two separate calls fit in memory
+    sequential_guidance: bool | None = None
     output: str = "pil"
 
     def validated(self) -> "GenerationParams":

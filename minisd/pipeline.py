@@ -20,7 +20,7 @@ from .denoiser import CFGDenoiser, LCMDenoiser, make_denoiser
 from .errors import ParameterError
 from .hashes import a1111_short_hash
 from .image import load_mask, mask_bbox, pil_to_tensor, resize_image, tensor_to_pil
-from .memory import available_memory, estimate_generation_memory, estimate_vae_memory
+from .memory import available_memory, estimate_generation_memory, estimate_vae_memory, keep_freed_memory
 from .models.clip import CLIPTextModel
 from .models.unet import UNetModel
 from .models.vae import AutoencoderKL
@@ -139,11 +139,18 @@ class StableDiffusion:
         if noise is not None and tuple(noise.shape) != (total, *latent_shape):
             raise ParameterError(f"noise must have shape {(total, *latent_shape)}, got {tuple(noise.shape)}")
         tiled = p.tiled_vae if p.tiled_vae is not None else self._vae_needs_tiles(p.width, p.height)
-        needed, free = estimate_generation_memory(self.config, p.width, p.height, p.batch_size, self.dtype,
-                                                  tiled_vae=tiled), available_memory(self.device)
-        if free is not None and needed > free:
+        free = available_memory(self.device)
+
+        def needed(sequential: bool) -> int:
+            return estimate_generation_memory(self.config, p.width, p.height, p.batch_size, self.dtype,
+                                              tiled_vae=tiled, sequential_guidance=sequential)
+        sequential = p.sequential_guidance
+        if sequential is None:
+            sequential = free is not None and needed(False) > free
+        p = dataclasses.replace(p, sequential_guidance=sequential)
+        if free is not None and needed(sequential) > free:
             raise ParameterError(f"{p.width}x{p.height} with batch size {p.batch_size} needs about "
-                                 f"{needed / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB is free; "
+                                 f"{needed(sequential) / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB is free; "
                                  f"use a smaller size or batch size")
         with torch.inference_mode():
             return self._generate(p, task, init_image, mask_image, noise, callback, tiled)
@@ -194,7 +201,8 @@ class StableDiffusion:
                 eps = noise[iteration * p.batch_size:(iteration + 1) * p.batch_size].float().cpu()
             eps = eps.to(self.device)
             batch_concat = None if concat is None else concat.expand(p.batch_size, -1, -1, -1)
-            denoiser = CFGDenoiser(model, cond, uncond, p.cfg_scale, rescale=p.guidance_rescale, concat=batch_concat)
+            denoiser = CFGDenoiser(model, cond, uncond, p.cfg_scale, rescale=p.guidance_rescale, concat=batch_concat,
+                                   sequential=p.sequential_guidance)
             if spec.key == "lcm":
                 denoiser = LCMDenoiser(denoiser, self.schedule)
             if mask is not None and not inpainting_model:
@@ -300,6 +308,9 @@ def _version() -> str:
 def load(source: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
          use_ema: bool = True, allow_pickle: bool = True, config: ModelConfig | None = None) -> StableDiffusion:
     """Load a checkpoint: an original-layout .safetensors or .ckpt file, a diffusers folder, or "demo".
-    Raises `minisd.CheckpointError` with a one-line explanation for anything that cannot be loaded."""
+    Raises `minisd.CheckpointError` with a one-line explanation for anything that cannot be loaded.
+    On CPU, malloc is first told to keep freed memory for reuse (`memory.keep_freed_memory`)."""
+    if torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cpu":
+        keep_freed_memory()
     return StableDiffusion.from_components(
         load_components(source, device=device, dtype=dtype, use_ema=use_ema, allow_pickle=allow_pickle, config=config))

@@ -235,6 +235,35 @@ def test_a_request_that_cannot_fit_in_memory_is_refused_before_starting(tiny):
         sd.txt2img(PROMPT, width=8192, height=8192, batch_size=64, steps=1)
 
 
+def unet_batches(sd, monkeypatch) -> list[int]:
+    """The batch size of every UNet call from now on."""
+    batches: list[int] = []
+    forward = sd.unet.forward
+    monkeypatch.setattr(sd.unet, "forward", lambda x, *a, **k: batches.append(x.shape[0]) or forward(x, *a, **k))
+    return batches
+
+
+def test_sequential_guidance_equals_batched_and_starts_when_memory_is_short(tiny, monkeypatch):
+    _, config, sd = tiny
+    options = dict(negative_prompt=NEGATIVE, width=64, height=64, steps=2, seed=5, batch_size=8, output="latent")
+    batches = unet_batches(sd, monkeypatch)
+    batched = sd.txt2img(PROMPT, **options)
+    assert batches == [16, 16]
+    batches.clear()
+    sequential = sd.txt2img(PROMPT, sequential_guidance=True, **options)
+    assert batches == [8, 8, 8, 8] and relative(sequential, batched) <= 1e-5
+
+    # Automatic: when only the two separate calls fit in the free memory.
+    from minisd import memory, pipeline
+    together, apart = (memory.estimate_generation_memory(config, 64, 64, 8, sd.dtype, tiled_vae=True,
+                                                         sequential_guidance=s) for s in (False, True))
+    assert apart < together
+    monkeypatch.setattr(pipeline, "available_memory", lambda device: (apart + together) // 2)
+    batches.clear()
+    sd.txt2img(PROMPT, **options)
+    assert batches == [8, 8, 8, 8]
+
+
 def test_default_size_is_the_models_own(tiny):
     _, config, sd = tiny
     (image,) = sd.txt2img(PROMPT, steps=1, seed=1)

@@ -58,11 +58,21 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that leaves a `meta` weight uninitialised: on `meta`, `normal_` runs through torch's
+    reference implementations, whose first use imports the compiler stack (1 s of a 2.2 s SD 1.5 load) to
+    draw values that do not exist."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class CLIPEmbeddings(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_embedding = Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = Embedding(config.max_position_embeddings, config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # Positions are recomputed rather than stored: community files carry corrupt `position_ids`.
