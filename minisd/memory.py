@@ -46,7 +46,7 @@ def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse (no chunk of its own `mmap`, no trimming of the heap).
     By default every large tensor is a fresh `mmap` that the kernel zero-fills page by page and `free` hands
     back at once, so each UNet step page-faults through gigabytes of activations again: keeping them made an
-    SD 1.5 step at 512×512 10% faster on 2 cores (7.0 → 6.3 s, bench/README.md), as tcmalloc or jemalloc
+    SD 1.5 step at 512×512 11% faster on 2 cores (7.1 → 6.3 s, README.md), as tcmalloc or jemalloc
     would. The process keeps its peak memory until it exits. Returns False where there is no glibc."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
