@@ -33,8 +33,9 @@ def faulted_tensors(mode: str) -> float:
 
 def test_freed_large_tensors_are_reused_instead_of_faulted_in_again():
     fresh, kept = faulted_tensors("default"), faulted_tensors("keep")
-    assert fresh >= 7.5  # every tensor a fresh mmap that the kernel zero-fills page by page
-    assert kept <= 4.5   # measured 4.0: glibc reuses the freed memory (every other time, for alignment)
+    # Measured with 4 KiB pages: 8.0 by default (every tensor a fresh mmap that the kernel zero-fills page by
+    # page), 4.0 with the setting (glibc reuses the freed memory every other time, for alignment).
+    assert fresh > 0 and kept <= 0.6 * fresh, (fresh, kept)
 
 
 def test_sequential_guidance_halves_the_unet_estimate():
