@@ -150,8 +150,8 @@ class StableDiffusion:
         p = dataclasses.replace(p, sequential_guidance=sequential)
         if free is not None and needed(sequential) > free:
             raise ParameterError(f"{p.width}x{p.height} with batch size {p.batch_size} needs about "
-                                 f"{needed(sequential) / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB is free; "
-                                 f"use a smaller size or batch size")
+                                 f"{needed(sequential) / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB "
+                                 f"is free; use a smaller size or batch size")
         with torch.inference_mode():
             return self._generate(p, task, init_image, mask_image, noise, callback, tiled)
 
@@ -309,8 +309,9 @@ def load(source: str | os.PathLike, device: str | torch.device | None = None, dt
          use_ema: bool = True, allow_pickle: bool = True, config: ModelConfig | None = None) -> StableDiffusion:
     """Load a checkpoint: an original-layout .safetensors or .ckpt file, a diffusers folder, or "demo".
     Raises `minisd.CheckpointError` with a one-line explanation for anything that cannot be loaded.
-    On CPU, malloc is first told to keep freed memory for reuse (`memory.keep_freed_memory`)."""
-    if torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cpu":
-        keep_freed_memory()
-    return StableDiffusion.from_components(
+    On CPU, malloc is then told to keep freed memory for reuse (`memory.keep_freed_memory`)."""
+    sd = StableDiffusion.from_components(
         load_components(source, device=device, dtype=dtype, use_ema=use_ema, allow_pickle=allow_pickle, config=config))
+    if sd.device.type == "cpu":
+        keep_freed_memory()
+    return sd

@@ -59,7 +59,8 @@ def foreground_weight(x: torch.Tensor, weight: float) -> torch.Tensor:
 def vae_loss(vae: AutoencoderKL, x: torch.Tensor, noise: torch.Tensor, cfg: VAETrainConfig
              ) -> tuple[torch.Tensor, dict[str, float]]:
     """L1 (object pixels weighted up) + edge reconstruction of a posterior sample z = μ + σ·n, plus
-    β·KL(q(z|x) ‖ N(0, I)) averaged per latent element (KL of diagonal Gaussians: ½(μ² + σ² − 1 − log σ²))."""
+    β·KL(q(z|x) ‖ N(0, I)) averaged per latent element (KL of diagonal Gaussians:
+    ½(μ² + σ² − 1 − log σ²))."""
     mean, logvar = vae.encode_moments(x)
     z = mean + (0.5 * logvar).exp() * noise
     reconstruction = vae.decode(z)

@@ -82,8 +82,8 @@ def model_card(cfg: TrainConfig, facts: dict[str, Any], evaluation: str | None, 
         "",
         "| stage | steps × batch | learning rate | time | final loss |",
         "|---|---|---|---|---|",
-        f"| autoencoder: L1 (object pixels ×{tv.object_weight:g}) + {tv.edge_weight:g}·edge L1 + {tv.kl_weight:g}·KL "
-        f"| {vae['steps']:,} × {tv.batch_size} "
+        f"| autoencoder: L1 (object pixels ×{tv.object_weight:g}) + {tv.edge_weight:g}·edge L1 "
+        f"+ {tv.kl_weight:g}·KL | {vae['steps']:,} × {tv.batch_size} "
         f"| {tv.lr:g}, warm-up {tv.warmup_steps}, cosine | {vae['minutes']:.1f} min | {vae['final_loss']:.4f} |",
         f"| latents: {facts['latents']:,} images encoded once | | | {facts['encode_minutes']:.1f} min | |",
         f"| UNet + text encoder: ε-MSE at uniform t, EMA {td.ema_decay:g} | {facts['steps']:,} × {td.batch_size} "

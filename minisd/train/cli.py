@@ -51,7 +51,8 @@ def config_from_args(args: argparse.Namespace, command: str) -> TrainConfig:
                                     lr=args.unet_lr, minutes=minutes(args.unet_minutes), num_latents=args.num_latents)
     return TrainConfig(out_dir=args.out_dir, output=args.output,
                        card=None if args.card.lower() == "none" else Path(args.card), device=args.device,
-                       seed=args.seed, threads=args.threads, save_every=args.save_every, resume=args.resume, overwrite=args.overwrite,
+                       seed=args.seed, threads=args.threads, save_every=args.save_every, resume=args.resume,
+                       overwrite=args.overwrite,
                        eval_prompts=args.eval_prompts, vae=vae, diffusion=diffusion, command=command)
 
 
