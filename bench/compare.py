@@ -6,9 +6,17 @@ diffusers, minisd, diffusers, ... for every measurement. Each is run in fp32, in
 fastest configuration ("best"); OpenVINO joins as a third column when it is installed. The result is a markdown
 table on stdout (median [min-max], ratio) and a JSON file in bench/results/. bench/README.md explains the rows.
 
-    python bench/compare.py                      # the full benchmark (30-45 minutes on 2 cores)
+    python bench/compare.py                      # the full benchmark (about an hour on 2 cores)
     python bench/compare.py --quick              # 256x256, 10 steps, 2 repetitions
+    python bench/compare.py --quick --sections unet,vae,workflow --variants best   # issue 13's rows, minutes
+    python bench/compare.py --sections compile --variants best     # torch.compile cost, cold and warm cache
     python bench/compare.py --config tiny --quick --sections unet,quality   # a smoke test in seconds
+
+Sections: load (fresh-process load time and peak RSS), unet (one guided UNet step), vae (one decode), text (the
+text encoder), e2e (txt2img), quality (bf16/best error against fp32), workflow (whole images in each side's best
+configuration: standard; CFG only on the first steps; DeepCache; the fast LCM preset with the tiny decoder),
+compile (torch.compile: first call with a cold and a warm on-disk cache, then the compiled step; not in the
+default set). Variants: fp32, bf16, best (each side's fastest configuration). Every row names the CPU kind.
 """
 from __future__ import annotations
 
@@ -42,7 +50,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from minisd.config import PRESETS, ModelConfig  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-SECTIONS = ("load", "unet", "vae", "text", "e2e", "quality")
+SECTIONS = ("load", "unet", "vae", "text", "e2e", "quality", "workflow", "compile")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # compile costs minutes per process: only when asked for
 VARIANTS = ("fp32", "bf16", "best")
 CONFIGS = ("sd1", "tiny")  # presets of minisd.config
 TIMED = ("unet", "vae", "text", "e2e")  # the measurements made inside one process, in this order
@@ -54,6 +63,8 @@ LABELS = {"unet": UNET_LABEL, "vae": "VAE decode (s)", "text": "text encoder (s)
 QUALITY_LABELS = {"unet": "UNet step: rel. error vs fp32", "vae": "VAE decode: rel. error vs fp32",
                   "text": "text encoder: rel. error vs fp32", "e2e": "final latent: rel. error vs fp32"}
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+FAST_STEPS = 4  # the fast preset's steps (minisd's GENERATION_PRESETS["fast"])
+WORKFLOWS = ("standard", "cfg", "cache", "fast")
 GUIDANCE = 7.5
 SEED = 1
 GIB = 2**30
@@ -121,6 +132,8 @@ class Settings:
     openvino: bool
     checkpoint: Path
     matmul_size: int
+    cfg_cutoff: float = 0.4
+    cache_interval: int = 3
 
     @property
     def config(self) -> ModelConfig:
@@ -132,10 +145,13 @@ class Settings:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="256x256 (32x32 latent), 10 steps, 2 repetitions")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="256x256 (32x32 latent), 10 steps, 2 repetitions: with "
+                   "--variants best a few minutes")
     p.add_argument("--config", default="sd1", choices=CONFIGS, help="sd1: the full SD 1.5 model; tiny: smoke tests")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but compile)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--reps", type=int, help="timed repetitions per side (default 3, --quick 2)")
     p.add_argument("--e2e-reps", type=int, help="timed repetitions of end-to-end generation (default 1)")
@@ -145,11 +161,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="random-weight checkpoint to use; written there first if missing "
                         "(default: bench/results/<config>-random-fp16.safetensors)")
     p.add_argument("--compile", action="store_true", help="minisd's best configuration calls sd.compile()")
+    p.add_argument("--cfg-cutoff", type=float, default=0.4,
+                   help="workflow: CFG on the steps up to int(steps x F), as diffusers' SDCFGCutoffCallback "
+                        "(cutoff_step_ratio=F); minisd --cfg-interval 0,(int(steps x F) + 1)/steps (default 0.4)")
+    p.add_argument("--cache-interval", type=int, default=3, help="workflow: minisd's DeepCache interval (default 3)")
     p.add_argument("--no-openvino", action="store_true", help="leave OpenVINO out even when it is installed")
     p.add_argument("--output", type=Path, help="JSON file (default: bench/results/compare-<timestamp>.json)")
     # Internal: one checkpoint load in a fresh process (the "load" section runs the script itself this way).
     p.add_argument("--load-child", nargs=2, metavar=("SIDE", "VARIANT"), help=argparse.SUPPRESS)
     p.add_argument("--diffusers-config", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--compile-child", metavar="SIDE", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -174,7 +195,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     sections=names(args.sections, SECTIONS, "sections"),
                     variants=names(args.variants, VARIANTS, "variants"), compile=args.compile,
                     openvino=not args.no_openvino and importlib.util.find_spec("openvino") is not None,
-                    checkpoint=checkpoint, matmul_size=1024 if args.config == "tiny" else 4096)
+                    checkpoint=checkpoint, matmul_size=1024 if args.config == "tiny" else 4096,
+                    cfg_cutoff=args.cfg_cutoff, cache_interval=args.cache_interval)
 
 
 # ---- the checkpoint and the diffusers config folder ------------------------------------------------------
@@ -226,6 +248,30 @@ def euler_scheduler():
     from diffusers import EulerDiscreteScheduler
     from minisd.testing import SD_SCHEDULER
     return EulerDiscreteScheduler(**SD_SCHEDULER, timestep_spacing="trailing")
+
+
+def cfg_cutoff_end(steps: int, ratio: float) -> float:
+    """minisd's --cfg-interval end equal to SDCFGCutoffCallback(cutoff_step_ratio=ratio): diffusers drops the
+    guidance after step int(steps · ratio) (0-based), so steps 0 .. int(steps · ratio) are guided."""
+    return min(1.0, (int(steps * ratio) + 1) / steps)
+
+
+def write_taesd_folder(folder: Path) -> Path:
+    """A random-weight TAESD in diffusers' AutoencoderTiny layout (SD 1.x latents), loaded by both sides."""
+    from diffusers import AutoencoderTiny
+    torch.manual_seed(0)
+    AutoencoderTiny().save_pretrained(str(folder))
+    return folder
+
+
+def cpu_kind() -> str:
+    """The CPU kind as the hardware reports it (what decides minisd's default precision and layout)."""
+    flags = set(next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])) if Path("/proc/cpuinfo").exists() else set()
+    kind = "AMX" if "amx_bf16" in flags else "AVX-512, no AMX" if "avx512f" in flags else \
+        "AVX2" if "avx2" in flags else platform.machine()
+    assumed = os.environ.get("MINISD_ASSUME_AMX", "").strip()
+    return kind + (f" (minisd told MINISD_ASSUME_AMX={assumed})" if assumed else "")
 
 
 # ---- the inputs ------------------------------------------------------------------------------------------
@@ -295,17 +341,35 @@ class MinisdSide:
             return self._generate(inputs, steps)
         raise ValueError(measurement)
 
-    def _generate(self, inputs: Inputs, steps: int) -> Call:
+    def _generate(self, inputs: Inputs, steps: int, **options) -> Call:
         """The whole txt2img to PIL images; returns the final latent, caught from the sampler's callback (Euler's
         last step goes to σ = 0, where the new x is the step's denoised prediction)."""
         final: dict[str, torch.Tensor] = {}
+        options = {"sampler": "Euler", "schedule": "Simple", "cfg_scale": GUIDANCE, **options}
 
         def run() -> torch.Tensor:
-            self.sd.txt2img(PROMPT, width=inputs.size, height=inputs.size, steps=steps, sampler="Euler",
-                            schedule="Simple", cfg_scale=GUIDANCE, seed=SEED,
-                            callback=lambda info: final.update(latent=info["denoised"]))
+            self.sd.txt2img(PROMPT, width=inputs.size, height=inputs.size, steps=steps, seed=SEED,
+                            callback=lambda info: final.update(latent=info["denoised"]), **options)
             return final["latent"]
         return run
+
+    def workflow(self, name: str, inputs: Inputs, steps: int, s: "Settings", taesd: Path | None) -> Call | None:
+        """Issue 13's workflows: standard; CFG on the first steps only; DeepCache; the fast preset (LCM, 4
+        steps, CFG 1, the tiny decoder)."""
+        if name == "standard":
+            return self._generate(inputs, steps)
+        if name == "cfg":
+            return self._generate(inputs, steps, cfg_interval=(0.0, cfg_cutoff_end(steps, s.cfg_cutoff)))
+        if name == "cache":
+            return self._generate(inputs, steps, cache_interval=s.cache_interval)
+        if name == "fast":
+            from minisd.params import GENERATION_PRESETS
+            if taesd is not None and getattr(self.sd, "taesd", None) is None:
+                self.sd.load_taesd(taesd)
+            preset = dict(GENERATION_PRESETS["fast"])
+            preset.pop("steps")
+            return self._generate(inputs, min(steps, FAST_STEPS), **preset)
+        raise ValueError(name)
 
 
 class DiffusersSide:
@@ -347,23 +411,50 @@ class DiffusersSide:
             return self._generate(inputs, steps)
         raise ValueError(measurement)
 
-    def _generate(self, inputs: Inputs, steps: int) -> Call:
+    def _generate(self, inputs: Inputs, steps: int, guidance: float = GUIDANCE, cutoff=None) -> Call:
         """The pipeline to PIL images from minisd's initial noise (EulerDiscreteScheduler scales it by σ_max
-        itself); returns the final latent, caught from the step-end callback."""
+        itself); returns the final latent, caught from the step-end callback (after `cutoff`, a
+        SDCFGCutoffCallback, when given)."""
         final: dict[str, torch.Tensor] = {}
 
         def catch(pipe, i, t, tensors):
+            if cutoff is not None:
+                tensors = cutoff(pipe, i, t, tensors)
             final["latent"] = tensors["latents"]
             return tensors
 
         latents = inputs.noise.to(self.dtype)
+        names = ["latents"] + (["prompt_embeds"] if cutoff is not None else [])
 
         def run() -> torch.Tensor:
             self.pipe(PROMPT, height=inputs.size, width=inputs.size, num_inference_steps=steps,
-                      guidance_scale=GUIDANCE, latents=latents, callback_on_step_end=catch,
-                      callback_on_step_end_tensor_inputs=["latents"])
+                      guidance_scale=guidance, latents=latents, callback_on_step_end=catch,
+                      callback_on_step_end_tensor_inputs=names)
             return final["latent"]
         return run
+
+    def workflow(self, name: str, inputs: Inputs, steps: int, s: "Settings", taesd: Path | None) -> Call | None:
+        """diffusers' own features for the same workflows: SDCFGCutoffCallback; no DeepCache (not part of
+        diffusers); LCMScheduler, guidance 1 and AutoencoderTiny for the fast preset."""
+        if name == "standard":
+            return self._generate(inputs, steps)
+        if name == "cfg":
+            from diffusers.callbacks import SDCFGCutoffCallback
+            return self._generate(inputs, steps, cutoff=SDCFGCutoffCallback(cutoff_step_ratio=s.cfg_cutoff))
+        if name == "cache":
+            return None
+        if name == "fast":
+            from diffusers import AutoencoderTiny, LCMScheduler
+            from minisd.testing import SD_SCHEDULER
+            if not isinstance(self.pipe.scheduler, LCMScheduler):
+                self.pipe.scheduler = LCMScheduler(**SD_SCHEDULER)
+                if taesd is not None:
+                    tiny = AutoencoderTiny.from_pretrained(str(taesd), torch_dtype=self.dtype)
+                    if "channels_last" in self.label:
+                        tiny.to(memory_format=torch.channels_last)
+                    self.pipe.vae = tiny
+            return self._generate(inputs, min(steps, FAST_STEPS), guidance=1.0)
+        raise ValueError(name)
 
 
 class OpenVINOSide:
@@ -537,15 +628,17 @@ def cell(row: Row, side: str) -> str:
     return text + (f" ({row.notes[side]})" if side in row.notes else "")
 
 
-def results_table(rows: list[Row], with_openvino: bool) -> str:
-    header = ["Measurement", "Variant", "minisd", "diffusers", "diffusers / minisd"] + (["OpenVINO"] * with_openvino)
-    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+def results_table(rows: list[Row], with_openvino: bool, kind: str = "") -> str:
+    """The rows as markdown; every row names the CPU kind it ran on (`cpu_kind`)."""
+    header = ["Measurement", "Variant", "CPU", "minisd", "diffusers", "diffusers / minisd"] + \
+        (["OpenVINO"] * with_openvino)
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
     for row in rows:
         ratio = ""
         a, b = row.median("minisd"), row.median("diffusers")
         if row.kind != "error" and a and b:
             ratio = f"{b / a:.2f}×"
-        cells = [row.measurement, row.variant, cell(row, "minisd"), cell(row, "diffusers"), ratio]
+        cells = [row.measurement, row.variant, kind, cell(row, "minisd"), cell(row, "diffusers"), ratio]
         lines.append("| " + " | ".join(cells + [cell(row, "openvino")] * with_openvino) + " |")
     return "\n".join(lines)
 
@@ -589,7 +682,7 @@ def machine_info() -> dict[str, Any]:
 
     revision = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
                               text=True).stdout.strip()
-    return {"cpu": model, "isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags],
+    return {"cpu": model, "cpu_kind": cpu_kind(), "isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags],
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "memory_gib": round(memory / GIB, 1),
             "load_average": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
@@ -657,6 +750,7 @@ class Run:
     labels: dict[str, dict[str, str]] = field(default_factory=dict)                 # variant -> side -> config
     flops: dict[str, int] | None = None
     openvino_prepare_seconds: float | None = None
+    notes: list[str] = field(default_factory=list)                                    # lines under the table
 
 
 def load_sides(s: Settings, variant: str, folder: Path, inputs: Inputs, run: Run) -> dict[str, Any]:
@@ -712,20 +806,105 @@ def openvino_e2e_estimate(rows: list[Row], variant: str, steps: int) -> float | 
 
 
 def bench_in_process(s: Settings, folder: Path) -> Run:
-    """The phases fp32, bf16, best: load both sides (one of each at a time), run every measurement, free."""
+    """The phases fp32, bf16, best: load both sides (one of each at a time), run every measurement, free. The
+    workflow rows run in the best phase (which is added for them when --variants leaves it out)."""
     run = Run()
     inputs = Inputs.make(s.config, s.size)
     wanted = [m for m in TIMED if m in s.sections or "quality" in s.sections]
-    for variant in s.variants:
+    variants = s.variants + (("best",) if "workflow" in s.sections and "best" not in s.variants else ())
+    for variant in variants:
         sides = load_sides(s, variant, folder, inputs, run)
         if run.flops is None and "unet" in s.sections:
             run.flops = unet_flops(sides["minisd"].sd.unet, inputs)
             log(f"UNet step: {run.flops['total'] / 1e9:.1f} GFLOP")
-        for measurement in wanted:
+        for measurement in wanted if variant in s.variants else ():
             measure(s, variant, measurement, sides, inputs, run)
+        if variant == "best" and "workflow" in s.sections:
+            bench_workflow(s, sides, inputs, run, write_taesd_folder(folder.parent / "taesd"))
         del sides
         free_memory()
     return run
+
+
+def workflow_label(name: str, s: Settings) -> str:
+    guided = int(s.steps * s.cfg_cutoff) + 1
+    return {"standard": f"txt2img: {s.steps} Euler steps, CFG {GUIDANCE} (s)",
+            "cfg": f"txt2img: CFG on the first {min(guided, s.steps)} of {s.steps} steps (s)",
+            "cache": f"txt2img: DeepCache, deep UNet part on 1 call in {s.cache_interval} (s)",
+            "fast": f"txt2img fast: LCM {FAST_STEPS} steps, CFG 1, tiny decoder (s)"}[name]
+
+
+def bench_workflow(s: Settings, sides: dict[str, Any], inputs: Inputs, run: Run, taesd: Path) -> None:
+    """Whole images for each workflow in each side's best configuration, sides alternating; a 1-step run of the
+    same workflow warms up. A side without the feature (diffusers: DeepCache) leaves its cell empty."""
+    for name in WORKFLOWS:
+        calls, warmups = {}, {}
+        for side_name, side in sides.items():
+            if hasattr(side, "workflow") and (call := side.workflow(name, inputs, s.steps, s, taesd)):
+                calls[side_name], warmups[side_name] = call, side.workflow(name, inputs, 1, s, taesd)
+        log(f"workflow {name}: " + ", ".join(calls))
+        times, _ = alternate(calls, s.e2e_reps, warmups)
+        row = Row(workflow_label(name, s), "best", "time", {n: t for n, t in times.items() if t})
+        run.rows.append(row)
+        log(f"workflow {name}: " + ", ".join(f"{n} {number(statistics.median(t), 'time')} s"
+                                             for n, t in row.samples.items()))
+
+
+# ---- the compile section: each compilation in a fresh process -------------------------------------------------
+
+COMPILE_LABELS = {"cold": "compile + first UNet step, empty cache (s)",
+                  "warm": "compile + first UNet step, warm cache (s)", "step": "UNet step, compiled (s)"}
+
+
+def compile_child(side: str, s: Settings, folder: Path) -> None:
+    """Runs in a fresh process whose TORCHINDUCTOR_CACHE_DIR the parent chose: load the best configuration,
+    compile the UNet as minisd does (static shapes, frozen weights, FX graph cache: `minisd.compiled`; diffusers'
+    UNet gets the same inductor settings), time the first call (compilation included), then two more."""
+    from minisd.compiled import compile_module
+    torch.set_flush_denormal(True)
+    inputs = Inputs.make(s.config, s.size)
+    if side == "minisd":
+        loaded = MinisdSide.load(s.checkpoint, "best")
+        compile_module(loaded.sd.unet)
+    else:
+        quiet_libraries()
+        loaded = DiffusersSide.load(s.checkpoint, folder, "best")
+        compile_module(loaded.pipe.unet)
+    call = loaded.call("unet", inputs, 0)
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+    from torch._dynamo.utils import counters
+    print(json.dumps({"first": times[0], "steps": times[1:], "label": loaded.label,
+                      "fx_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+                      "fx_cache_misses": counters["inductor"]["fxgraph_cache_miss"]}))
+
+
+def bench_compile(s: Settings, folder: Path, notes: list[str]) -> list[Row]:
+    """Per side: a process with an empty inductor cache (cold), then one with the cache it left (warm)."""
+    rows = {key: Row(label, "best", "time") for key, label in COMPILE_LABELS.items()}
+    with tempfile.TemporaryDirectory(prefix="minisd-bench-inductor-") as caches:
+        for state in ("cold", "warm"):
+            for side in ("minisd", "diffusers"):
+                command = [sys.executable, str(Path(__file__).resolve()), "--compile-child", side,
+                           "--checkpoint", str(s.checkpoint), "--diffusers-config", str(folder),
+                           "--config", s.config_name, "--size", str(s.size)]
+                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(Path(caches) / side)}
+                log(f"compile {side}, {state} cache")
+                done = subprocess.run(command, capture_output=True, text=True, env=env)
+                if done.returncode != 0:
+                    raise RuntimeError(f"compile of {side} failed:\n{done.stderr[-3000:]}")
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                rows[state].samples.setdefault(side, []).append(result["first"])
+                rows["step"].samples.setdefault(side, []).extend(result["steps"])
+                notes.append(f"compile, {side}, {state} cache: {result['label']}; FX graph cache "
+                             f"{result['fx_cache_hits']} hits, {result['fx_cache_misses']} misses")
+                log(f"compile {side} {state}: first call {result['first']:.1f} s, then "
+                    + ", ".join(f"{t:.2f}" for t in result["steps"]) + " s")
+    return list(rows.values())
 
 
 def quality_rows(run: Run, variants: tuple[str, ...]) -> list[Row]:
@@ -758,16 +937,26 @@ def report(s: Settings, info: dict, rows: list[Row], run: Run, peaks: dict[str, 
     with_openvino = any("openvino" in r.samples for r in rows)
     size, latent = f"{s.size}×{s.size}", f"{s.latent}×{s.latent}"
     parts = [f"## minisd vs diffusers: {s.config_name}, {size} ({latent} latent), {s.steps} Euler steps, "
-             f"guidance {GUIDANCE}", "", machine_lines(info), "", results_table(rows, with_openvino), ""]
+             f"guidance {GUIDANCE}", "", machine_lines(info), "", results_table(rows, with_openvino, info["cpu_kind"]),
+             ""]
     definitions = {"load": "load = minisd.load / StableDiffusionPipeline.from_single_file in a fresh process",
                    "unet": f"UNet step = one guided step (batch 2, {latent} latent, context 2×77)",
                    "vae": f"VAE decode = (1, 4, {latent}) to {size}", "text": "text encoder = 2 prompts × 77 tokens",
                    "e2e": f"txt2img = {size}, {s.steps} Euler steps, guidance {GUIDANCE}, to PIL images"}
-    notes = ["; ".join(text for section, text in definitions.items() if section in s.sections) + ".",
+    defined = "; ".join(text for section, text in definitions.items() if section in s.sections)
+    notes = ([defined + "."] if defined else []) + [
              f"Times: median [min–max] of {s.reps} run(s) per side ({s.e2e_reps} end to end), sides alternating, "
              "after a warm-up; diffusers / minisd > 1 means minisd is faster (or smaller)."]
     for variant, labels in run.labels.items():
         notes.append(f"{variant}: " + "; ".join(f"{side} {label}" for side, label in labels.items()))
+    if "workflow" in s.sections:
+        notes.append(f"workflow rows: whole {size} images in each side's best configuration. CFG interval: minisd "
+                     f"--cfg-interval 0,{cfg_cutoff_end(s.steps, s.cfg_cutoff):g} = diffusers' SDCFGCutoffCallback"
+                     f"(cutoff_step_ratio={s.cfg_cutoff}), one UNet pass after the cut-off. DeepCache: minisd "
+                     f"--cache-interval {s.cache_interval}; diffusers has none. Fast: minisd --preset fast (LCM, "
+                     f"{FAST_STEPS} steps, CFG 1) + TAESD vs diffusers LCMScheduler, guidance 1, AutoencoderTiny "
+                     "(the same random tiny decoder). Random weights: times only, not images.")
+    notes += run.notes
     if run.openvino_prepare_seconds is not None:
         notes.append(f"OpenVINO convert + compile: {run.openvino_prepare_seconds:.0f} s (not in any row); its "
                      "txt2img is an estimate: steps × UNet step + VAE decode + diffusers' text encoder.")
@@ -799,6 +988,9 @@ def main(argv: list[str] | None = None) -> None:
         load_child(*args.load_child, args.checkpoint, args.diffusers_config, args.compile)
         return
     s = settings_from(args)
+    if args.compile_child:
+        compile_child(args.compile_child, s, args.diffusers_config)
+        return
     info = machine_info()
     if info["load_average"][0] > 0.5 * (os.cpu_count() or 1):
         log(f"warning: load average {info['load_average'][0]:.1f} — other work is running; numbers are unreliable")
@@ -807,6 +999,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     run = Run()
     peaks = None
+    compile_rows: list[Row] = []
+    compile_notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="minisd-bench-") as tmp:
         folder = write_pipeline_folder(Path(tmp) / "pipeline", s.config)
         if "load" in s.sections:
@@ -815,9 +1009,12 @@ def main(argv: list[str] | None = None) -> None:
             log("matmul peaks")
             peaks = {name: matmul_peak(dtype, s.matmul_size)
                      for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-        if set(TIMED + ("quality",)) & set(s.sections):
+        if set(TIMED + ("quality", "workflow")) & set(s.sections):
             run = bench_in_process(s, folder)
-    rows += run.rows
+        if "compile" in s.sections:
+            compile_rows = bench_compile(s, folder, compile_notes)
+    rows += run.rows + compile_rows
+    run.notes += compile_notes
     if "quality" in s.sections:
         rows += quality_rows(run, s.variants)
     text, data = report(s, info, rows, run, peaks)

@@ -5,6 +5,7 @@ and the LCM boundary condition (Luo et al. 2023).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Protocol
 
 import torch
@@ -19,7 +20,9 @@ __all__ = [
     "VDenoiser",
     "make_denoiser",
     "CFGDenoiser",
+    "guidance_interval",
     "LCMDenoiser",
+    "RefinerSwitch",
     "rescale_guidance",
 ]
 
@@ -128,11 +131,16 @@ class CFGDenoiser:
     """Classifier-free guidance: D = D_u + s (D_c − D_u), cond and uncond in one batched UNet call.
 
     `model` is an EpsDenoiser/VDenoiser (anything with the call signature model(x, σ, context, concat)).
-    cond/uncond are (B, L, D) or (1, L, D) text embeddings; `concat` optional extra input channels
-    (B, c, h, w) shared by both halves. With scale == 1 and no rescale, the uncond pass is skipped (same result).
+    cond/uncond are (B, L, D) or (1, L, D) text embeddings (SDXL: dicts {"context": ..., "y": (B or 1, adm)});
+    `concat` optional extra input channels (B, c, h, w) shared by both halves. With scale 1 the uncond pass is
+    skipped, with scale 0 (no rescale) the cond pass is: the same results from one UNet pass. For 0 < s < 1
+    both passes are needed (D depends on both).
     Guidance rescale (φ = `rescale`) acts on the model's own output space (ε or v), as diffusers does.
     When cond and uncond differ in length (prompts of different chunk counts), or with `sequential` (half
     the activation memory for low-memory machines), cond and uncond take two UNet calls.
+    `interval` = (σ_lo, σ_hi) guides only the calls at σ_lo < σ ≤ σ_hi (the guidance interval of Kynkäänniemi
+    et al. 2024); elsewhere D = D_c, one UNet pass on the prompt alone (`guidance_interval` makes it from
+    fractions of the steps).
     """
 
     def __init__(
@@ -145,8 +153,10 @@ class CFGDenoiser:
         rescale: float = 0.0,
         concat: Tensor | None = None,
         sequential: bool = False,
+        interval: tuple[float, float] | None = None,
     ) -> None:
         self.model = model
+        self.interval = interval
         self.sequential = sequential
         self.cond = cond
         self.uncond = uncond
@@ -154,19 +164,27 @@ class CFGDenoiser:
         self.rescale = float(rescale)
         self.concat = concat
 
-    def _ctx(self, ctx: Tensor, batch: int) -> Tensor:
+    def _ctx(self, ctx: Tensor | dict, batch: int) -> Tensor | dict:
+        if isinstance(ctx, dict):  # SDXL: {"context": (B, L, D), "y": (B, adm)}
+            return {k: self._ctx(v, batch) for k, v in ctx.items()}
         return ctx.expand(batch, *ctx.shape[1:]) if ctx.shape[0] == 1 and batch != 1 else ctx
 
     def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
         sigma = _batch_sigma(x, sigma)
         b = x.shape[0]
         cond = self._ctx(self.cond, b)
-        if self.uncond is None or (self.scale == 1.0 and self.rescale == 0.0):
+        # D_u + s (D_c − D_u) needs one pass at s = 1 (D_c; a rescale of D_c to its own std is the identity)
+        # and at s = 0 without rescale (D_u): the Turbo/Lightning models' settings run at half the cost.
+        if self.uncond is None or self.scale == 1.0:
+            return self.model(x, sigma, cond, self.concat)
+        if self.scale == 0.0 and self.rescale == 0.0:
+            return self.model(x, sigma, self._ctx(self.uncond, b), self.concat)
+        if self.interval is not None and not _inside(float(sigma[0]), self.interval):
             return self.model(x, sigma, cond, self.concat)
         uncond = self._ctx(self.uncond, b)
-        if cond.shape[1:] == uncond.shape[1:] and not self.sequential:
+        if _same_shape(cond, uncond) and not self.sequential:
             concat = None if self.concat is None else torch.cat([self.concat, self.concat])
-            both = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, uncond]), concat)
+            both = self.model(torch.cat([x, x]), torch.cat([sigma, sigma]), _cat(cond, uncond), concat)
             d_cond, d_uncond = both[:b], both[b:]
         else:
             d_cond = self.model(x, sigma, cond, self.concat)
@@ -178,6 +196,56 @@ class CFGDenoiser:
         to_out, from_out = self.model.denoised_to_output, self.model.output_to_denoised
         out = rescale_guidance(to_out(x, sigma, guided), to_out(x, sigma, d_cond), self.rescale)
         return from_out(x, sigma, out)
+
+
+def _same_shape(a: Tensor | dict, b: Tensor | dict) -> bool:
+    if isinstance(a, dict):
+        return all(a[k].shape[1:] == b[k].shape[1:] for k in a)
+    return a.shape[1:] == b.shape[1:]
+
+
+def _cat(a: Tensor | dict, b: Tensor | dict) -> Tensor | dict:
+    """cond and uncond as one batch (tensors or SDXL's dicts of tensors)."""
+    if isinstance(a, dict):
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+    return torch.cat([a, b])
+
+
+# Relative slack of the interval's ends: samplers pass σ as float32 or recompute it through log σ.
+_SIGMA_SLACK = 1e-5
+
+
+def _inside(sigma: float, interval: tuple[float, float]) -> bool:
+    low, high = interval
+    return low * (1 + _SIGMA_SLACK) < sigma <= high * (1 + _SIGMA_SLACK)
+
+
+def guidance_interval(sigmas: Tensor | list[float], start: float, end: float) -> tuple[float, float]:
+    """The σ interval of `CFGDenoiser(interval=...)` that guides the steps i (0-based, of N = len(sigmas) − 1)
+    with start ≤ i/N < end: (σ_⌈end·N⌉, σ_⌈start·N⌉], σ_N being 0. One-evaluation samplers (Euler, DPM++ 2M,
+    ...) are then guided on exactly those steps; a multi-evaluation sampler's inner calls (Heun's second one at
+    σ_(i+1), ...) are guided when their σ lies in the interval."""
+    s = [float(v) for v in torch.as_tensor(sigmas).reshape(-1).tolist()]
+    n = len(s) - 1
+    first, stop = (min(n, max(0, math.ceil(f * n - 1e-9))) for f in (start, end))
+    if first >= stop:
+        return (s[first], s[first])  # no step guided: the interval is empty
+    return (s[stop], s[first])
+
+
+class RefinerSwitch:
+    """A1111's "Refiner, switch at" (and diffusers' denoising_end/denoising_start): the base model's denoiser
+    while (999 − t(σ))/1000 < `switch_at`, t the nearest discrete timestep, and the refiner's from there on; with
+    diffusers' rounding, switch 0.8 hands the timesteps t ≤ 199 to the refiner."""
+
+    def __init__(self, base: Callable[[Tensor, Tensor], Tensor], refiner: Callable[[Tensor, Tensor], Tensor],
+                 schedule: DiscreteSchedule, switch_at: float) -> None:
+        self.base, self.refiner, self.schedule, self.switch_at = base, refiner, schedule, switch_at
+
+    def __call__(self, x: Tensor, sigma: Tensor | float) -> Tensor:
+        t = float(self.schedule.sigma_to_t(_batch_sigma(x, sigma).max(), quantize=True))
+        completed = (self.schedule.num_train_timesteps - 1 - t) / self.schedule.num_train_timesteps
+        return (self.refiner if completed >= self.switch_at else self.base)(x, sigma)
 
 
 class LCMDenoiser:

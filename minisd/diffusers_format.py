@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .config import (TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CLIPTextConfig, ModelConfig, ScheduleConfig,
-                     UNetConfig, VAEConfig)
+from .config import (TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, CLIPTextConfig, ModelConfig, OpenCLIPTextConfig,
+                     ScheduleConfig, UNetConfig, VAEConfig)
+from .config_limits import check_config
 from .errors import CheckpointError
 from .tokenizer import write_hf_files
 
@@ -32,7 +33,9 @@ def unet_prefixes(config: UNetConfig) -> list[tuple[str, str]]:
     levels, blocks = len(config.channel_mult), config.num_res_blocks + 1
     pairs = [("conv_in.", "input_blocks.0.0."), ("time_embedding.linear_1.", "time_embed.0."),
              ("time_embedding.linear_2.", "time_embed.2."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
-             ("mid_block.attentions.0.", "middle_block.1.")]
+             ("mid_block.attentions.0.", "middle_block.1."),
+             # SDXL's vector conditioning
+             ("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2.")]
     _with_inner(pairs, ("mid_block.resnets.0.", "middle_block.0."), RESNET_UNET)
     _with_inner(pairs, ("mid_block.resnets.1.", "middle_block.2."), RESNET_UNET)
     for i in range(levels):
@@ -104,15 +107,25 @@ def _vae_attention_shapes(state: dict[str, torch.Tensor], to_original: bool) -> 
 
 def unet_config_json(c: UNetConfig) -> dict:
     levels = range(len(c.channel_mult))
-    return {
+    # diffusers' mid block takes the last entry's depth; levels without attention ignore theirs.
+    depths = [c.depth(i) if i in c.attention_levels else c.middle_depth for i in levels]
+    depths[-1] = c.middle_depth
+    extra = {}
+    if c.adm_in_channels:
+        extra = {"addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+                 "projection_class_embeddings_input_dim": c.adm_in_channels}
+    return extra | {
         "_class_name": "UNet2DConditionModel", "in_channels": c.in_channels, "out_channels": c.out_channels,
         "block_out_channels": [c.model_channels * m for m in c.channel_mult], "layers_per_block": c.num_res_blocks,
         "down_block_types": ["CrossAttnDownBlock2D" if i in c.attention_levels else "DownBlock2D" for i in levels],
         "up_block_types": ["CrossAttnUpBlock2D" if i in c.attention_levels else "UpBlock2D" for i in reversed(levels)],
         "mid_block_type": "UNetMidBlock2DCrossAttn", "cross_attention_dim": c.context_dim,
         # diffusers' historical misnomer: for SD 1.x "attention_head_dim" holds the number of heads.
-        "attention_head_dim": c.head_channels or c.num_heads, "norm_num_groups": c.norm_groups,
-        "use_linear_projection": c.use_linear_projection, "transformer_layers_per_block": c.transformer_depth,
+        # SD 2.x/XL: fixed 64-channel heads are a head count per level there.
+        "attention_head_dim": [c.heads(c.model_channels * m) for m in c.channel_mult] if c.head_channels
+        else c.num_heads, "norm_num_groups": c.norm_groups,
+        "use_linear_projection": c.use_linear_projection,
+        "transformer_layers_per_block": depths[0] if len(set(depths)) == 1 else depths,
         "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "norm_eps": 1e-5, "center_input_sample": False,
         "sample_size": 64,
     }
@@ -134,6 +147,17 @@ def text_config_json(c: CLIPTextConfig) -> dict:
             "max_position_embeddings": c.max_position_embeddings, "hidden_act": c.hidden_act,
             "layer_norm_eps": c.layer_norm_eps, "projection_dim": c.hidden_size,
             "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+
+
+def open_clip_config_json(c: OpenCLIPTextConfig, layers: int | None = None, with_projection: bool = False) -> dict:
+    """transformers' CLIP text config of an OpenCLIP text tower, as diffusers' folders have it: SD 2.x's keeps
+    `layers` = all but the last layer (its conditioning is the penultimate one), SDXL's bigG all of them."""
+    return {"architectures": ["CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"],
+            "model_type": "clip_text_model", "vocab_size": c.vocab_size, "hidden_size": c.width,
+            "intermediate_size": c.mlp_width, "num_hidden_layers": c.layers if layers is None else layers,
+            "num_attention_heads": c.heads, "max_position_embeddings": c.context_length, "hidden_act": "gelu",
+            "layer_norm_eps": 1e-5, "projection_dim": c.projection_dim, "bos_token_id": 0, "eos_token_id": 2,
+            "pad_token_id": 1}
 
 
 def scheduler_config_json(c: ScheduleConfig) -> dict:
@@ -182,9 +206,24 @@ def is_diffusers_folder(path: str | os.PathLike) -> bool:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read diffusers config ({e})") from None
+        raw = json.loads(path.read_bytes())  # bytes: json detects UTF-8/16/32 itself
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read diffusers config ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError; deep nesting recurses
+        raise CheckpointError(f"{path}: cannot read diffusers config ({type(e).__name__}: {e})"[:300]) from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: diffusers config is not a JSON object")
+    return raw
+
+
+def _parse_config(path: Path, build):
+    """`build(raw)` on the JSON object in `path`; a missing key or a value of the wrong kind is a CheckpointError
+    (the values are then range-checked as a whole by `config_limits.check_config`)."""
+    raw = _read_json(path)
+    try:
+        return build(raw)
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError, AttributeError, OverflowError) as e:
+        raise CheckpointError(f"{path}: unusable diffusers config ({type(e).__name__}: {e})"[:300]) from None
 
 
 def _component_weights(folder: Path, name: str, read_file) -> dict[str, torch.Tensor]:
@@ -201,16 +240,24 @@ def read_diffusers_folder(folder: str | os.PathLike, read_file) -> tuple[dict[st
     """An original-layout state dict (with component prefixes) and the config recorded in the folder.
     `read_file(path)` reads one weights file (safetensors or restricted pickle)."""
     folder = Path(folder)
+    if (folder / "text_encoder_2").is_dir() or (folder / "text_encoder" / "config.json").is_file() and _read_json(
+            folder / "text_encoder" / "config.json").get("hidden_act") == "gelu":
+        raise CheckpointError(f"{folder}: diffusers folders of SD 2.x / SDXL models are not supported yet "
+                              "(their single-file checkpoints are)")
     for part in ("unet", "vae", "text_encoder"):
         if not (folder / part / "config.json").is_file():
             raise CheckpointError(f"{folder}: not a diffusers Stable Diffusion folder (no {part}/config.json)")
-    unet_cfg = _unet_config(_read_json(folder / "unet" / "config.json"))
-    vae_cfg = _vae_config(_read_json(folder / "vae" / "config.json"))
-    text_cfg = _text_config(_read_json(folder / "text_encoder" / "config.json"))
+    unet_cfg = _parse_config(folder / "unet" / "config.json", _unet_config)
+    vae_cfg = _parse_config(folder / "vae" / "config.json", _vae_config)
+    text_cfg = _parse_config(folder / "text_encoder" / "config.json", _text_config)
     schedule = ScheduleConfig()
     if (folder / "scheduler" / "scheduler_config.json").is_file():
-        raw = _read_json(folder / "scheduler" / "scheduler_config.json")
-        schedule = ScheduleConfig(**{f: raw[f] for f in schedule.__dataclass_fields__ if f in raw})
+        schedule = _parse_config(folder / "scheduler" / "scheduler_config.json", lambda raw: ScheduleConfig(
+            **{f: raw[f] for f in schedule.__dataclass_fields__ if f in raw}))
+    variant = "sd1-inpaint" if unet_cfg.in_channels == 9 else "sd1"
+    # checked before the key tables are built from it and the weights are read
+    config = check_config(ModelConfig(variant=variant, unet=unet_cfg, vae=vae_cfg, text=text_cfg, schedule=schedule),
+                          str(folder))
     state = {}
     unet = rename(_component_weights(folder, "unet", read_file), unet_prefixes(unet_cfg), to_original=True)
     state.update({UNET_PREFIX + k: v for k, v in unet.items()})
@@ -218,14 +265,16 @@ def read_diffusers_folder(folder: str | os.PathLike, read_file) -> tuple[dict[st
                                        to_original=True), to_original=True)
     state.update({VAE_PREFIX + k: v for k, v in vae.items()})
     state.update({TEXT_PREFIX + k: v for k, v in _component_weights(folder, "text_encoder", read_file).items()})
-    variant = "sd1-inpaint" if unet_cfg.in_channels == 9 else "sd1"
-    return state, ModelConfig(variant=variant, unet=unet_cfg, vae=vae_cfg, text=text_cfg, schedule=schedule)
+    return state, config
 
 
 def write_diffusers_folder(folder: str | os.PathLike, unet: dict[str, torch.Tensor], vae: dict[str, torch.Tensor],
                            text: dict[str, torch.Tensor], config: ModelConfig, write_file) -> None:
     """Write component state dicts (original names, no prefixes) as a diffusers folder."""
     folder = Path(folder)
+    if config.family != "sd1":
+        raise CheckpointError(f"{folder}: writing diffusers folders of SD 2.x / SDXL models is not supported yet; "
+                              "write a .safetensors file")
     parts = {
         "unet": (rename(unet, unet_prefixes(config.unet), to_original=False), unet_config_json(config.unet)),
         "vae": (_vae_attention_shapes(rename(vae, vae_prefixes(config.vae), to_original=False), to_original=False),

@@ -2,6 +2,7 @@
 and A1111's infotext ("parameters" PNG chunk) with the model hashes it quotes; formats follow AUTOMATIC1111's webui."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -9,6 +10,7 @@ import os
 import re
 import secrets
 import shutil
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -16,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, PngImagePlugin
+
+from .errors import ParameterError
 
 PathLike = str | os.PathLike
 
@@ -27,11 +31,60 @@ WHITE = (255, 255, 255)  # A1111's default img2img_background_color for transpar
 # PIL <-> tensor
 
 
-def load_image(path: PathLike) -> Image.Image:
-    """Read an image file fully into memory, turned upright by its EXIF orientation (as A1111 reads uploads)."""
-    with Image.open(path) as im:
-        im.load()
-        return ImageOps.exif_transpose(im)  # a new image (a copy when there is nothing to turn)
+# Larger images are refused before a pixel is decoded: 8192² is the largest size GenerationParams allows (below
+# PIL's own decompression-bomb limits of 89 MP, warning, and 179 MP, error).
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def _unreadable(path: PathLike, error: BaseException) -> ParameterError:
+    return ParameterError(f"{path}: not an image that can be read ({type(error).__name__})")
+
+
+@contextlib.contextmanager
+def _open_checked(path: PathLike, max_pixels: int):
+    """PIL's lazy open (headers only), refusing more than `max_pixels` declared pixels before any decoding.
+    FileNotFoundError passes through; anything else PIL raises on a damaged file becomes a ParameterError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with one line
+            im = Image.open(path)
+    except FileNotFoundError:
+        raise
+    except Image.DecompressionBombError:
+        raise ParameterError(f"{path}: the image declares more pixels than minisd decodes "
+                             f"({max_pixels:,} at most)") from None
+    except Exception as e:  # noqa: BLE001 - PIL's decoders raise OSError, SyntaxError, struct.error, ...
+        raise _unreadable(path, e) from None
+    with im:
+        width, height = im.size
+        if width * height > max_pixels:
+            raise ParameterError(f"{path}: a {width}×{height} image has more pixels than minisd decodes "
+                                 f"({max_pixels:,} at most)")
+        yield im
+
+
+def load_image(path: PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Read an image file fully into memory, turned upright by its EXIF orientation (as A1111 reads uploads).
+    FileNotFoundError when there is no such file; ParameterError when it is not a readable image or declares
+    more than `max_pixels` pixels (refused before decoding)."""
+    with _open_checked(path, max_pixels) as im:
+        try:
+            im.load()
+            return ImageOps.exif_transpose(im)  # a new image (a copy when there is nothing to turn)
+        except Exception as e:  # noqa: BLE001 - as in _open_checked: a damaged file, whatever PIL raises
+            raise _unreadable(path, e) from None
+
+
+def open_user_image(path: PathLike, what: str) -> Image.Image:
+    """`load_image` for a file a user named as `what` ("init image", "mask"): every failure is one line."""
+    try:
+        return load_image(path)
+    except FileNotFoundError:
+        raise ParameterError(f"{path}: {what} not found") from None
+    except ParameterError as e:
+        raise ParameterError(f"{what}: {e}") from None
+    except OSError as e:
+        raise ParameterError(f"{path}: {what} cannot be read ({e.strerror or type(e).__name__})") from None
 
 
 def _has_transparency(img: Image.Image) -> bool:
@@ -334,10 +387,11 @@ _KEY = re.compile(r"\w[\w \-/]+")
 
 
 def _quote(text: str) -> str:
-    # A1111 JSON-quotes values holding ',', ':' or a newline. Values holding '"' or starting with
-    # whitespace are quoted too: A1111's parser would otherwise unquote or strip them, so quoting is
-    # what lets them come back unchanged (and A1111 reads the quoted form the same way).
-    if any(c in text for c in ',:\n"') or text[:1].isspace():
+    # A1111 JSON-quotes values holding ',', ':' or a newline. Values holding '"' or starting or ending
+    # with whitespace are quoted too: A1111's parser would otherwise unquote or strip them (the last
+    # value's trailing whitespace goes with the text's), so quoting is what lets them come back
+    # unchanged (and A1111 reads the quoted form the same way).
+    if any(c in text for c in ',:\n"') or text != text.strip():
         return json.dumps(text, ensure_ascii=False)
     return text
 
@@ -418,12 +472,18 @@ def save_png(image: Image.Image, path: PathLike, infotext: str | None = None) ->
         pnginfo = PngImagePlugin.PngInfo()
         pnginfo.add_text("parameters", infotext)  # PIL picks iTXt for text outside Latin-1
 
-    tmp, fd = _create_temp(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=pnginfo)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp, fd = _create_temp(path)
+    except OSError as e:  # a read-only or full file system: name the file we meant to write
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    try:
+        try:
+            with os.fdopen(fd, "wb") as f:
+                image.save(f, format="PNG", pnginfo=pnginfo)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # ENOSPC, EFBIG, EIO ...: the temporary file goes, `path` never appeared
+            raise OSError(e.errno, e.strerror, str(path)) from None
         _link_new(tmp, path)
     finally:
         try:
@@ -473,7 +533,7 @@ def _decode_user_comment(raw: bytes | str) -> str | None:
     head, body = raw[:8], raw[8:]
     if head == b"UNICODE\x00":
         if body[:2] in (b"\xff\xfe", b"\xfe\xff"):
-            return body.decode("utf-16")
+            return body.decode("utf-16", errors="replace")
         # No BOM: big-endian per the EXIF spec, unless the zero bytes sit at odd offsets (little-endian).
         little = body[1::2].count(0) > body[0::2].count(0)
         return body.decode("utf-16-le" if little else "utf-16-be", errors="replace")
@@ -482,16 +542,20 @@ def _decode_user_comment(raw: bytes | str) -> str | None:
     return raw.decode("utf-8", errors="replace")
 
 
-def read_infotext(path: PathLike) -> str | None:
-    """The A1111 infotext of an image file: the PNG "parameters" chunk, else EXIF UserComment (JPEG/WebP)."""
-    with Image.open(path) as im:
-        text = im.text.get("parameters") if im.format == "PNG" else None  # .text also sees chunks after IDAT
-        if text is None:
-            text = im.info.get("parameters")
-        if text is None:
-            raw = im.getexif().get_ifd(0x8769).get(0x9286)  # Exif IFD -> UserComment
-            if raw:
-                text = _decode_user_comment(raw)
+def read_infotext(path: PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
+    """The A1111 infotext of an image file: the PNG "parameters" chunk, else EXIF UserComment (JPEG/WebP).
+    Errors as `load_image` (reading chunks after the pixel data decodes them, so the pixel limit applies)."""
+    with _open_checked(path, max_pixels) as im:
+        try:
+            text = im.text.get("parameters") if im.format == "PNG" else None  # .text also sees chunks after IDAT
+            if text is None:
+                text = im.info.get("parameters")
+            if text is None:
+                raw = im.getexif().get_ifd(0x8769).get(0x9286)  # Exif IFD -> UserComment
+                if raw:
+                    text = _decode_user_comment(raw)
+        except Exception as e:  # noqa: BLE001 - a damaged chunk or EXIF block, whatever PIL raises
+            raise _unreadable(path, e) from None
     return None if text is None else str(text)
 
 

@@ -9,6 +9,7 @@ A1111's prompt editing `[a:b:n]`, alternation `[a|b]` and `AND` are scheduling s
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, Sequence
 
@@ -40,6 +41,21 @@ _ATTENTION = re.compile(
     """,
     re.VERBOSE,
 )
+# A1111's extra-network syntax `<kind:arg:arg>` (`<lora:name:0.8>`): applied to the model (lora.py), never tokenized.
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+def extract_extra_networks(text: str) -> tuple[str, list[tuple[str, list[str]]]]:
+    """`text` without its `<kind:args>` tags, and the tags as (kind, args split at ":")."""
+    found: list[tuple[str, list[str]]] = []
+
+    def take(match: re.Match) -> str:
+        found.append((match.group(1), match.group(2).split(":")))
+        return ""
+
+    return EXTRA_NETWORK.sub(take, text), found
+
+
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
 BREAK = ("BREAK", -1.0)  # what parse_prompt_attention yields between BREAK-separated parts
 
@@ -207,6 +223,7 @@ def tokenize_prompt(
     pack the tokens into chunks of 77; BREAK starts a new chunk. `pad_id` 0 gives SD 2.x padding."""
     if emphasis not in EMPHASIS_MODES:
         raise ValueError(f"emphasis must be one of {EMPHASIS_MODES}, got {emphasis!r}")
+    text = extract_extra_networks(text)[0]
     fragments = parse_prompt_attention(text) if emphasis != "None" else [(text, 1.0)]
     packer = _ChunkPacker(tokenizer.token_to_id(",</w>"), comma_backtrack, pad_id)
     for fragment, weight in fragments:
@@ -242,6 +259,42 @@ def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor, emphasis: Emphas
     return weighted.to(hidden.dtype)
 
 
+@contextmanager
+def spliced_embeddings(text_encoder: torch.nn.Module, chunks: Sequence[PromptChunk]):
+    """While active, every token-embedding layer of `text_encoder` (one per encoder; SDXL has two) puts the chunks'
+    textual-inversion vectors into their placeholder slots, before position embeddings are added, as A1111 does.
+    Chunk i must be row i of the batch the encoder sees. An embedding offers `vectors_for(width, encoder)` when it
+    holds vectors for several encoders (SDXL's "clip_l": the CLIP model, "clip_g": OpenCLIP), else its `vectors`."""
+    fixes = [(row, offset, embedding) for row, chunk in enumerate(chunks) for offset, embedding in chunk.embeddings]
+    if not fixes:
+        yield
+        return
+
+    def splice(module: torch.nn.Module, inputs, output: torch.Tensor, encoder: str = "") -> torch.Tensor:
+        output = output.clone()
+        for row, offset, embedding in fixes:
+            pick = getattr(embedding, "vectors_for", None)
+            vectors = pick(output.shape[-1], encoder) if pick is not None else embedding.vectors
+            n = min(output.shape[1] - offset, vectors.shape[0])
+            output[row, offset:offset + n] = vectors[:n].to(device=output.device, dtype=output.dtype)
+        return output
+
+    def hook(encoder: str):
+        return lambda module, inputs, output: splice(module, inputs, output, encoder)
+
+    # Hugging Face's CLIP layout (`text_model.embeddings.token_embedding`) is CLIP ViT-L; OpenCLIP's is bare.
+    handles = [module.register_forward_hook(hook("clip_l" if name.endswith("embeddings.token_embedding") else "clip_g"))
+               for name, module in text_encoder.named_modules()
+               if isinstance(module, torch.nn.Embedding) and name.split(".")[-1] == "token_embedding"]
+    if not handles:
+        raise NotImplementedError("textual-inversion embeddings need a text encoder with a `token_embedding` layer")
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def encode_chunks(
     text_encoder: torch.nn.Module,
     chunks: Sequence[PromptChunk],
@@ -251,12 +304,11 @@ def encode_chunks(
 ) -> torch.Tensor:
     """Run the chunks through the text encoder (as one batch; chunks never attend to each other),
     apply emphasis, and join them along the token axis: (1, 77·k, D)."""
-    if any(chunk.embeddings for chunk in chunks):
-        raise NotImplementedError("textual-inversion embeddings need a text encoder that takes input embeddings")
     param = next(text_encoder.parameters())
     ids = torch.tensor([chunk.ids for chunk in chunks], dtype=torch.long, device=param.device)
     weights = torch.tensor([chunk.weights for chunk in chunks], dtype=torch.float32)
-    hidden = apply_emphasis(text_encoder(ids, clip_skip=clip_skip), weights, emphasis)
+    with spliced_embeddings(text_encoder, chunks):
+        hidden = apply_emphasis(text_encoder(ids, clip_skip=clip_skip), weights, emphasis)
     return hidden.reshape(1, -1, hidden.shape[-1])  # (k, 77, D) -> (1, 77·k, D)
 
 
@@ -269,9 +321,11 @@ def encode_prompt(
     emphasis: Emphasis = "Original",
     comma_backtrack: int = COMMA_BACKTRACK,
     pad_id: int = EOS_ID,
+    embeddings: EmbeddingLookup | None = None,
 ) -> torch.Tensor:
     """Conditioning for one prompt of any length: (1, 77·k, D) for k chunks."""
-    chunks = tokenize_prompt(tokenizer, text, emphasis=emphasis, comma_backtrack=comma_backtrack, pad_id=pad_id)
+    chunks = tokenize_prompt(tokenizer, text, emphasis=emphasis, comma_backtrack=comma_backtrack, pad_id=pad_id,
+                             embeddings=embeddings)
     return encode_chunks(text_encoder, chunks, clip_skip=clip_skip, emphasis=emphasis)
 
 
@@ -296,13 +350,72 @@ def encode_prompt_pair(
     emphasis: Emphasis = "Original",
     comma_backtrack: int = COMMA_BACKTRACK,
     pad_id: int = EOS_ID,
+    embeddings: EmbeddingLookup | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cond, uncond) for classifier-free guidance, each (1, 77·k, D) with the same k: the shorter is
     padded with the encoded empty prompt (A1111's "pad prompt/negative prompt to same length")."""
-    options = dict(clip_skip=clip_skip, emphasis=emphasis, comma_backtrack=comma_backtrack, pad_id=pad_id)
+    options = dict(clip_skip=clip_skip, emphasis=emphasis, comma_backtrack=comma_backtrack, pad_id=pad_id,
+                   embeddings=embeddings)
     cond = encode_prompt(text_encoder, tokenizer, prompt, **options)
     uncond = encode_prompt(text_encoder, tokenizer, negative_prompt, **options)
     if cond.shape[1] == uncond.shape[1]:
         return cond, uncond
     empty = encode_prompt(text_encoder, tokenizer, "", **options)
     return pad_to_same_length(cond, uncond, empty)
+
+
+# ---- SDXL: two encoders on the same chunks ------------------------------------------------------------------
+
+def zero_padded(ids: list[int]) -> list[int]:
+    """OpenCLIP's padding of a chunk: 0 after the first end-of-text token (A1111's rule, as `close_chunk`)."""
+    first_eos = ids.index(EOS_ID)
+    return ids[: first_eos + 1] + [0] * (len(ids) - first_eos - 1)
+
+
+def encode_sdxl_prompt(
+    text_encoders: torch.nn.Module,
+    tokenizer: CLIPTokenizer,
+    text: str,
+    *,
+    clip_skip: int = 1,
+    emphasis: Emphasis = "Original",
+    comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings: EmbeddingLookup | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL conditioning of one prompt: context (1, 77·k, 768 + 1280), the encoders' outputs side by side, each
+    with its own emphasis (A1111 wraps each embedder separately), and bigG's pooled embedding of the first
+    chunk (1, 1280), which emphasis does not touch. `text_encoders` is models.conditioner.SDXLTextEncoders."""
+    chunks = tokenize_prompt(tokenizer, text, emphasis=emphasis, comma_backtrack=comma_backtrack, embeddings=embeddings)
+    device = next(text_encoders.parameters()).device
+    eos_ids = torch.tensor([chunk.ids for chunk in chunks], dtype=torch.long, device=device)
+    zero_ids = torch.tensor([zero_padded(chunk.ids) for chunk in chunks], dtype=torch.long, device=device)
+    weights = torch.tensor([chunk.weights for chunk in chunks], dtype=torch.float32)
+    with spliced_embeddings(text_encoders, chunks):
+        hidden, pooled = text_encoders(eos_ids, zero_ids, clip_skip=clip_skip)
+    context = torch.cat([apply_emphasis(h, weights, emphasis) for h in hidden], dim=-1)
+    return context.reshape(1, -1, context.shape[-1]), pooled[:1]
+
+
+def encode_sdxl_prompt_pair(
+    text_encoders: torch.nn.Module,
+    tokenizer: CLIPTokenizer,
+    prompt: str,
+    negative_prompt: str = "",
+    *,
+    clip_skip: int = 1,
+    emphasis: Emphasis = "Original",
+    comma_backtrack: int = COMMA_BACKTRACK,
+    embeddings: EmbeddingLookup | None = None,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """((cond context, cond pooled), (uncond context, uncond pooled)) with equal chunk counts. An empty
+    negative prompt gives zeros, context and pooled alike, as A1111 and diffusers (`force_zeros_for_empty_prompt`)
+    both do for SDXL."""
+    options = dict(clip_skip=clip_skip, emphasis=emphasis, comma_backtrack=comma_backtrack, embeddings=embeddings)
+    cond, pooled = encode_sdxl_prompt(text_encoders, tokenizer, prompt, **options)
+    if negative_prompt == "":
+        return (cond, pooled), (torch.zeros_like(cond), torch.zeros_like(pooled))
+    uncond, uncond_pooled = encode_sdxl_prompt(text_encoders, tokenizer, negative_prompt, **options)
+    if cond.shape[1] != uncond.shape[1]:
+        empty, _ = encode_sdxl_prompt(text_encoders, tokenizer, "", **options)
+        cond, uncond = pad_to_same_length(cond, uncond, empty)
+    return (cond, pooled), (uncond, uncond_pooled)

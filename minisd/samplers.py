@@ -9,7 +9,8 @@ device and dtype, so a CPU generator gives the same images on any device and in 
 one torch.Generator (draws of x's full shape) or one generator per batch item (each draws its item's shape, so item
 i equals a batch-of-one run with that generator: A1111's per-seed scheme). Draws happen exactly where k-diffusion
 calls its noise sampler (e.g. ancestral samplers draw on every step whose next σ is > 0, even with η = 0).
-The SDE samplers use the same generator instead of k-diffusion's BrownianTree: dpmpp_2m_sde and dpmpp_3m_sde need
+The SDE samplers take a `noise_sampler(σ, σ_next)` when given one (the pipeline passes A1111's Brownian tree,
+brownian.py); without one they use the same generator: dpmpp_2m_sde and dpmpp_3m_sde need
 one increment per step, over disjoint intervals, so independent N(0, I) draws are exact Brownian increments.
 dpmpp_sde asks for W over [σ_i → σ_mid] and then over the whole [σ_i → σ_{i+1}]; we draw z₁, z₂ ~ N(0, I) for the
 two sub-intervals and return z₁ and (sqrt(σ_i − σ_mid) z₁ + sqrt(σ_mid − σ_{i+1}) z₂) / sqrt(σ_i − σ_{i+1}),
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import rng
 from .schedule import DiscreteSchedule, get_sigmas, resolve_schedule
 
 __all__ = [
@@ -55,7 +57,8 @@ __all__ = [
 ]
 
 DenoiserFn = Callable[[Tensor, Tensor], Tensor]
-Generators = torch.Generator | Sequence[torch.Generator] | None
+Generators = torch.Generator | Sequence[torch.Generator] | None  # or rng.CudaGenerator(s)
+NoiseSampler = Callable[[float, float], Tensor] | None  # (σ, σ_next) -> N(0, I), e.g. brownian.BrownianTreeNoise
 Callback = Callable[[dict[str, Any]], None] | None
 
 
@@ -66,13 +69,12 @@ def randn_like(x: Tensor, generator: Generators) -> Tensor:
     """N(0, I) shaped like x: float32 on the generator's device, then moved to x (see module docstring)."""
     if generator is None:
         return torch.randn(x.shape, device=x.device, dtype=torch.float32).to(x.dtype)
-    if isinstance(generator, torch.Generator):
-        z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
-        return z.to(x.device, x.dtype)
+    if isinstance(generator, torch.Generator) or hasattr(generator, "randn"):  # rng.CudaGenerator has randn
+        return rng.draw(generator, x.shape).to(x.device, x.dtype)
     gens = list(generator)
     if len(gens) != x.shape[0]:
         raise ValueError(f"got {len(gens)} generators for a batch of {x.shape[0]}")
-    draws = [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=torch.float32).to(x.device) for g in gens]
+    draws = [rng.draw(g, x.shape[1:]).to(x.device) for g in gens]
     return torch.stack(draws).to(x.dtype)
 
 
@@ -297,10 +299,11 @@ def _expm1_log_ratio(a: float, b: float) -> float:
 @torch.no_grad()
 def sample_dpmpp_sde(
     denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, generator: Generators = None, callback: Callback = None,
-    eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5,
+    eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5, noise_sampler: NoiseSampler = None,
 ) -> Tensor:
     """DPM-Solver++ SDE (stochastic two-stage, intermediate point at fraction r of the step in λ).
-    The two noise draws per step are consistent Brownian increments (module docstring)."""
+    The two noise draws per step are consistent Brownian increments (module docstring), or come from
+    `noise_sampler(σ, σ_s)` and `noise_sampler(σ, σ_next)` (A1111's Brownian tree)."""
     s = _sigma_list(sigmas)
     for i in range(len(s) - 1):
         sigma, sigma_next = s[i], s[i + 1]
@@ -314,10 +317,18 @@ def sample_dpmpp_sde(
         sigma_s = math.exp(-(t + h * r))
         fac = 1 / (2 * r)
         # Brownian increments over [σ → σ_s] and [σ_s → σ_next], each normalised to unit variance.
-        z_1 = randn_like(x, generator)
-        z_2 = randn_like(x, generator)
-        a, b = sigma - sigma_s, sigma_s - sigma_next
-        z_total = (a**0.5 * z_1 + b**0.5 * z_2) / (a + b) ** 0.5
+        if noise_sampler is None:
+            z_1 = randn_like(x, generator)
+            z_2 = randn_like(x, generator)
+            a, b = sigma - sigma_s, sigma_s - sigma_next
+            z_total = (a**0.5 * z_1 + b**0.5 * z_2) / (a + b) ** 0.5
+        else:
+            # The Brownian tree rounds its query times to 1e-6, so they must carry k-diffusion's bits: σ, σ_s and
+            # σ_next as exp(−t) of t = −log σ, s = t + h·r in the schedule's dtype (float32 in A1111).
+            dtype = getattr(noise_sampler, "sigma_dtype", torch.float64)
+            t_, t_next_ = (-torch.tensor(v, dtype=dtype).log() for v in (sigma, sigma_next))
+            noise_t, noise_s, noise_next = (float((-v).exp()) for v in (t_, t_ + (t_next_ - t_) * r, t_next_))
+            z_1 = noise_sampler(noise_t, noise_s)
 
         # Stage 1: first-order step to σ_s (as an ancestral step with η).
         sd, su = _ancestral_step(sigma, sigma_s, eta)
@@ -329,6 +340,8 @@ def sample_dpmpp_sde(
         sd, su = _ancestral_step(sigma, sigma_next, eta)
         denoised_d = (1 - fac) * denoised + fac * denoised_2
         x = (sd / sigma) * x - _expm1_log_ratio(sd, sigma) * denoised_d
+        if noise_sampler is not None:
+            z_total = noise_sampler(noise_t, noise_next)
         x = x + z_total * s_noise * su
     return x
 
@@ -359,7 +372,7 @@ def sample_dpmpp_2m(
 @torch.no_grad()
 def sample_dpmpp_2m_sde(
     denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, generator: Generators = None, callback: Callback = None,
-    eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint",
+    eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint", noise_sampler: NoiseSampler = None,
 ) -> Tensor:
     """DPM-Solver++(2M) SDE: the SDE form of Lu et al. 2022's multistep solver (exact noise term, second-order
     correction from the previous D); `solver_type` "midpoint" or "heun" picks that correction's coefficient."""
@@ -387,7 +400,8 @@ def sample_dpmpp_2m_sde(
                 x = x + coef * (1 / r) * (denoised - old_denoised)
             if eta:
                 noise_scale = s[i + 1] * (-math.expm1(-2 * eta_h)) ** 0.5 * s_noise
-                x = x + randn_like(x, generator) * noise_scale
+                z = randn_like(x, generator) if noise_sampler is None else noise_sampler(s[i], s[i + 1])
+                x = x + z * noise_scale
             h_last = h
         old_denoised = denoised
     return x
@@ -396,7 +410,7 @@ def sample_dpmpp_2m_sde(
 @torch.no_grad()
 def sample_dpmpp_3m_sde(
     denoiser: DenoiserFn, x: Tensor, sigmas: Tensor, *, generator: Generators = None, callback: Callback = None,
-    eta: float = 1.0, s_noise: float = 1.0,
+    eta: float = 1.0, s_noise: float = 1.0, noise_sampler: NoiseSampler = None,
 ) -> Tensor:
     """DPM-Solver++(3M) SDE: third-order multistep in λ with the SDE's exact noise term."""
     s = _sigma_list(sigmas)
@@ -427,7 +441,8 @@ def sample_dpmpp_3m_sde(
                 x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
             if eta:
                 noise_scale = s[i + 1] * (-math.expm1(-2 * h * eta)) ** 0.5 * s_noise
-                x = x + randn_like(x, generator) * noise_scale
+                z = randn_like(x, generator) if noise_sampler is None else noise_sampler(s[i], s[i + 1])
+                x = x + z * noise_scale
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
     return x

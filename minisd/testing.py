@@ -10,8 +10,8 @@ import torch
 
 from .checkpoint import original_state_dict, save_checkpoint
 from .config import ModelConfig
-from .diffusers_format import text_config_json, unet_config_json, vae_config_json
-from .models.clip import CLIPTextModel
+from .diffusers_format import open_clip_config_json, text_config_json, unet_config_json, vae_config_json
+from .models.conditioner import text_encoder_for
 from .models.unet import UNetModel
 from .models.vae import AutoencoderKL
 
@@ -22,13 +22,14 @@ def random_state_dict(config: ModelConfig, seed: int = 0, dtype: torch.dtype = t
     biases not 0, and a swapped key cannot hide. Weights get a fan-in scale so activations stay sane."""
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in original_state_dict(
-            UNetModel(config.unet), AutoencoderKL(config.vae), CLIPTextModel(config.text)).items()}
+            UNetModel(config.unet), AutoencoderKL(config.vae), text_encoder_for(config)).items()}
     g = torch.Generator().manual_seed(seed)
     out = {}
     for key, shape in shapes.items():
         noise = torch.randn(shape, generator=g)
         if len(shape) == 1:
-            value = 1 + 0.2 * noise if "norm" in key and key.endswith("weight") else 0.1 * noise
+            norm = "norm" in key or ".ln_" in key  # OpenCLIP's layer norms are ln_1, ln_2, ln_final
+            value = 1 + 0.2 * noise if norm and key.endswith("weight") else 0.1 * noise
         else:
             fan_in = shape[1:].numel()
             value = noise * (0.02 if "embedding" in key else fan_in ** -0.5)
@@ -50,8 +51,16 @@ def write_checkpoint(path: Path, config: ModelConfig, seed: int = 0, dtype: torc
 
 def diffusers_config_folder(path: Path, config: ModelConfig) -> Path:
     """A folder of diffusers/transformers configs (no weights) for `from_single_file(config=...)`."""
-    for sub, content in (("unet", unet_config_json(config.unet)), ("vae", vae_config_json(config.vae)),
-                         ("text_encoder", text_config_json(config.text))):
+    parts = [("unet", unet_config_json(config.unet)), ("vae", vae_config_json(config.vae))]
+    if config.family == "sd1":
+        parts.append(("text_encoder", text_config_json(config.text)))
+    elif config.family == "sd2":  # diffusers keeps all but the last layer (SD 2.x conditions on the penultimate)
+        parts.append(("text_encoder", open_clip_config_json(config.open_clip, layers=config.open_clip.layers - 1)))
+    else:
+        if config.text is not None:
+            parts.append(("text_encoder", text_config_json(config.text)))
+        parts.append(("text_encoder_2", open_clip_config_json(config.open_clip, with_projection=True)))
+    for sub, content in parts:
         (path / sub).mkdir(parents=True, exist_ok=True)
         (path / sub / "config.json").write_text(json.dumps(content))
     return path
@@ -95,5 +104,103 @@ def reference_pipeline(kind: str, path: Path, config: ModelConfig, tmp: Path, sc
                                         tokenizer=RefTokenizer.from_pretrained(str(folder / "tokenizer")),
                                         scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                         requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+# ---- SD 2.x and SDXL references ------------------------------------------------------------------------------
+
+OPEN_CLIP_PREFIXES = {"sd2": "cond_stage_model.model.", "sdxl": "conditioner.embedders.1.model.",
+                      "sdxl-refiner": "conditioner.embedders.0.model."}
+
+
+def reference_open_clip(path: Path, config: ModelConfig, folder: Path, subfolder: str):
+    """transformers' CLIP text model with the file's OpenCLIP weights, converted by diffusers' own
+    single-file code (`convert_open_clip_checkpoint`): SD 2.x's drops the last layer, as diffusers' does."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from safetensors.torch import load_file
+    import transformers
+
+    raw = json.loads((folder / subfolder / "config.json").read_text())
+    cls = getattr(transformers, raw["architectures"][0])
+    model = cls(transformers.CLIPTextConfig(**{k: v for k, v in raw.items() if k != "architectures"}))
+    checkpoint = {k: v.float() for k, v in load_file(str(path)).items()}
+    converted = convert_open_clip_checkpoint(model, checkpoint, prefix=OPEN_CLIP_PREFIXES[config.variant.replace(
+        "-inpaint", "")])
+    wrapped = hasattr(model, "text_model") and "text_model.embeddings.token_embedding.weight" in model.state_dict()
+    if not wrapped:
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    expected = model.state_dict().keys()
+    dropped = {k for k in converted if k not in expected}
+    assert all(f".layers.{raw['num_hidden_layers']}." in k for k in dropped), sorted(dropped)[:3]
+    missing, unexpected = model.load_state_dict({k: v for k, v in converted.items() if k in expected}, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    return model.eval()
+
+
+def reference_clip(path: Path, config: ModelConfig, folder: Path, prefix: str):
+    """transformers' CLIP-L text model with the file's weights under `prefix` (…`text_model.`)."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig as RefTextConfig, CLIPTextModel as RefText
+
+    text = RefText(RefTextConfig(**json.loads((folder / "text_encoder" / "config.json").read_text())))
+    level = "" if "embeddings.token_embedding.weight" in text.state_dict() else "text_model."
+    missing, unexpected = text.load_state_dict({level + k[len(prefix):]: v.float() for k, v in
+                                                load_file(str(path)).items() if k.startswith(prefix)}, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    return text.eval()
+
+
+def reference_family_components(path: Path, config: ModelConfig, tmp: Path) -> dict:
+    """diffusers' UNet and VAE (`from_single_file`, local configs) and transformers' text encoders on the very
+    same original-layout file of an SD 2.x or SDXL model, by their diffusers pipeline names."""
+    import diffusers
+
+    folder = diffusers_config_folder(tmp / "reference-configs", config)
+    out = {"unet": diffusers.UNet2DConditionModel.from_single_file(str(path), config=str(folder),
+                                                                  subfolder="unet").eval(),
+           "vae": diffusers.AutoencoderKL.from_single_file(str(path), config=str(folder), subfolder="vae").eval(),
+           "folder": folder}
+    if config.family == "sd2":
+        out["text_encoder"] = reference_open_clip(path, config, folder, "text_encoder")
+    elif config.variant == "sdxl":
+        out["text_encoder"] = reference_clip(path, config, folder, "conditioner.embedders.0.transformer.text_model.")
+        out["text_encoder_2"] = reference_open_clip(path, config, folder, "text_encoder_2")
+    else:
+        out["text_encoder_2"] = reference_open_clip(path, config, folder, "text_encoder_2")
+    return out
+
+
+def write_open_clip_tokenizer(folder: Path) -> None:
+    """transformers' tokenizer files as diffusers' SD 2.x / SDXL (`tokenizer_2`) folders have them: pad "!" (0)."""
+    from .tokenizer import write_hf_files
+
+    write_hf_files(folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "pad_token": "!"}))
+
+
+def reference_family_pipeline(kind: str, path: Path, config: ModelConfig, tmp: Path, scheduler):
+    """A diffusers pipeline (`kind` = its class name) of an SD 2.x or SDXL model on the very same file."""
+    import diffusers
+    from transformers import CLIPTokenizer as RefTokenizer
+
+    from .tokenizer import write_hf_files
+
+    parts = reference_family_components(path, config, tmp)
+    folder = parts.pop("folder")
+    write_hf_files(folder / "tokenizer")
+    write_open_clip_tokenizer(folder / "tokenizer_2")
+    clip_tokenizer = RefTokenizer.from_pretrained(str(folder / "tokenizer"))
+    open_tokenizer = RefTokenizer.from_pretrained(str(folder / "tokenizer_2"))
+    if config.family == "sd2":
+        pipeline = getattr(diffusers, kind)(tokenizer=open_tokenizer, scheduler=scheduler, safety_checker=None,
+                                            feature_extractor=None, requires_safety_checker=False, **parts)
+    elif config.variant == "sdxl":
+        pipeline = getattr(diffusers, kind)(tokenizer=clip_tokenizer, tokenizer_2=open_tokenizer, scheduler=scheduler,
+                                            **parts)
+    else:
+        pipeline = getattr(diffusers, kind)(tokenizer=None, text_encoder=None, tokenizer_2=open_tokenizer,
+                                            scheduler=scheduler, requires_aesthetics_score=True, **parts)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

@@ -162,9 +162,8 @@ def bad_inputs(tmp: Path, config) -> dict[str, tuple[Path, str]]:
     cases["lfs pointer"] = (tmp / "lfs.safetensors", "Git LFS pointer")
     torch.save({"state_dict": state}, tmp / "legacy.ckpt", _use_new_zipfile_serialization=False)
     cases["legacy pickle"] = (tmp / "legacy.ckpt", "legacy")
-    sdxl = {k.replace("cond_stage_model.transformer.", "conditioner.embedders.0.transformer."): v
-            for k, v in state.items()}
-    cases["other architecture"] = (save("sdxl.safetensors", sdxl), "SDXL checkpoints are not supported yet")
+    flux = {"double_blocks.0.img_attn.qkv.weight": torch.ones(3, 3), "double_blocks.0.img_attn.proj.weight": torch.ones(1)}
+    cases["other architecture"] = (save("flux.safetensors", flux), "Flux checkpoints are not supported")
     cases["not SD at all"] = (save("classifier.safetensors", {"fc.weight": torch.ones(3, 3)}),
                               "not a Stable Diffusion checkpoint")
     missing = dict(state)

@@ -82,7 +82,7 @@ def test_img2img_and_inpaint_commands(tmp_path, tiny_checkpoint):
 
 BAD = {
     "missing init image": (["img2img", "x", "--init", "nope.png"], "nope.png: init image not found"),
-    "not an image": (["img2img", "x", "--init", "notes.png"], "notes.png: init image is not an image"),
+    "not an image": (["img2img", "x", "--init", "notes.png"], "init image: notes.png: not an image"),
     "width 500": (["generate", "x", "-W", "500"], "nearest valid sizes: 496 or 504"),
     "steps 0": (["generate", "x", "--steps", "0"], "steps must be between 1 and 1000"),
     "strength 1.5": (["img2img", "x", "--init", "ok.png", "--strength", "1.5"], "strength must be between"),

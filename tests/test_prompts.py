@@ -436,8 +436,11 @@ def test_apply_emphasis_original_restores_mean():
     torch.testing.assert_close(out / out.mean(dim=(1, 2), keepdim=True), z * w[..., None] / (z * w[..., None]).mean(dim=(1, 2), keepdim=True))
 
 
-def test_embeddings_are_not_encoded_yet(encoder, tok):
+def test_embedding_vectors_take_the_place_of_their_tokens(encoder, tok):
+    """An embedding whose vectors are the token embeddings of "big horse" encodes exactly as those words."""
     (horse,) = tok.encode("horse", add_special_tokens=False)
-    chunks = tokenize_prompt(tok, "a horse", embeddings=_Lookup(horse, _Embedding(torch.zeros(2, 32))))
-    with pytest.raises(NotImplementedError):
-        encode_chunks(encoder, chunks)
+    table = encoder.text_model.embeddings.token_embedding.weight
+    vectors = table[tok.encode("big horse", add_special_tokens=False)].clone()
+    chunks = tokenize_prompt(tok, "a horse", embeddings=_Lookup(horse, _Embedding(vectors)))
+    with torch.no_grad():
+        assert torch.equal(encode_chunks(encoder, chunks), encode_chunks(encoder, tokenize_prompt(tok, "a big horse")))

@@ -38,7 +38,12 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of image tokens to `context` (itself for self-attention)."""
+    """Multi-head attention of image tokens to `context` (itself for self-attention).
+
+    `probe`, when set on an instance, is called as probe(module, q, k) with q, k of shape (B, heads, n, d):
+    minisd.explain reads the attention probabilities softmax(q kᵀ/√d) there; unset it costs one `if`."""
+
+    probe = None
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
         super().__init__()
@@ -54,6 +59,8 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)
         k = self.to_k(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
         v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
+        if self.probe is not None:
+            self.probe(self, q, k)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, n, c))
 
@@ -96,8 +103,9 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Pixels as tokens: project in, transformer blocks, project out, residual."""
 
-    def __init__(self, channels: int, config: UNetConfig):
+    def __init__(self, channels: int, config: UNetConfig, depth: int | None = None):
         super().__init__()
+        depth = config.depth(0) if depth is None else depth
         self.norm = nn.GroupNorm(config.norm_groups, channels, eps=1e-6)
         # SD 1.x projects with 1×1 convolutions, SD 2.x/XL with linear layers (same maths, other shape).
         project = (lambda: nn.Linear(channels, channels)) if config.use_linear_projection \
@@ -105,7 +113,7 @@ class SpatialTransformer(nn.Module):
         self.proj_in = project()
         heads = config.heads(channels)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(channels, heads, config.context_dim) for _ in range(config.transformer_depth))
+            BasicTransformerBlock(channels, heads, config.context_dim) for _ in range(depth))
         self.proj_out = project()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -158,7 +166,8 @@ class TimestepSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """(noisy latent (B, C, h, w), timestep (B,), text context (B, L, D)) -> ε or v (B, 4, h, w)."""
+    """(noisy latent (B, C, h, w), timestep (B,), text context (B, L, D)[, SDXL vector y (B, adm)]) -> ε or v
+    (B, 4, h, w)."""
 
     def __init__(self, config: UNetConfig = UNetConfig()):
         super().__init__()
@@ -166,6 +175,9 @@ class UNetModel(nn.Module):
         c, g = config.model_channels, config.norm_groups
         emb = 4 * c
         self.time_embed = nn.Sequential(nn.Linear(c, emb), nn.SiLU(), nn.Linear(emb, emb))
+        if config.adm_in_channels:  # SDXL: the pooled-text + size vector joins the timestep embedding
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(config.adm_in_channels, emb), nn.SiLU(),
+                                                         nn.Linear(emb, emb)))
 
         self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(config.in_channels, c, 3, padding=1))])
         skip_widths, width = [c], c
@@ -175,14 +187,15 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(width, c * mult, emb, g)]
                 width = c * mult
                 if level in config.attention_levels:
-                    layers.append(SpatialTransformer(width, config))
+                    layers.append(SpatialTransformer(width, config, config.depth(level)))
                 self.input_blocks.append(TimestepSequential(*layers))
                 skip_widths.append(width)
             if level != levels - 1:
                 self.input_blocks.append(TimestepSequential(Downsample(width)))
                 skip_widths.append(width)
 
-        self.middle_block = TimestepSequential(ResBlock(width, width, emb, g), SpatialTransformer(width, config),
+        self.middle_block = TimestepSequential(ResBlock(width, width, emb, g),
+                                               SpatialTransformer(width, config, config.middle_depth),
                                                ResBlock(width, width, emb, g))
 
         self.output_blocks = nn.ModuleList()
@@ -191,16 +204,19 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(width + skip_widths.pop(), c * mult, emb, g)]
                 width = c * mult
                 if level in config.attention_levels:
-                    layers.append(SpatialTransformer(width, config))
+                    layers.append(SpatialTransformer(width, config, config.depth(level)))
                 if level and i == config.num_res_blocks:
                     layers.append(Upsample(width))
                 self.output_blocks.append(TimestepSequential(*layers))
 
         self.out = nn.Sequential(nn.GroupNorm(g, width), nn.SiLU(), nn.Conv2d(width, config.out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+                ) -> torch.Tensor:
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y.to(emb.dtype))
         skips = []
         for block in self.input_blocks:
             x = block(x, emb, context)

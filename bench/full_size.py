@@ -1,0 +1,169 @@
+"""Full-size SD 2.x / SDXL from a key manifest: write a random-weight fp16 file with every key and shape of the
+real checkpoint (streamed, one tensor at a time), then, each in a fresh process: minisd's load (time, peak RSS,
+no surprise keys), diffusers' `from_single_file` of the UNet and VAE on the same file (time, peak RSS), and one
+UNet step (cond only, batch 1) at the model's native size in the chosen precisions. Prints a markdown table.
+
+    python bench/full_size.py --manifest /work/shared/manifests/sdxl-base.json --dtypes bf16
+    python bench/full_size.py --manifest tests/data/sd2.json.gz --prediction v --dtypes bf16,fp32
+
+The file needs 2 bytes per parameter on disk (SDXL base: 6.9 GB); a step at 1024² in fp32 needs about 14 GiB.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
+
+
+def read_manifest(path: Path) -> dict:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        return json.load(f)
+
+
+def write_random_file(manifest: dict, path: Path, seed: int = 0) -> int:
+    """A safetensors file of every manifest key (fp16 floats, int64 ints), written tensor by tensor so that
+    memory stays at one tensor. Values: N(0, 1/fan_in) (norm weights near 1), enough for speed and shapes."""
+    keys, ints = manifest["keys"], set(manifest.get("int_keys", []))
+    header, offset = {}, 0
+    for key in sorted(keys):
+        shape = keys[key]
+        n = 1
+        for s in shape:
+            n *= s
+        dtype, size = ("I64", 8) if key in ints else ("F16", 2)
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n * size]}
+        offset += n * size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    g = torch.Generator().manual_seed(seed)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for key in sorted(keys):
+            shape = keys[key]
+            if key in ints:
+                f.write(torch.arange(shape[-1] if shape else 1, dtype=torch.int64).expand(*shape).contiguous()
+                        .numpy().tobytes())
+                continue
+            value = torch.randn(shape, generator=g)
+            if len(shape) == 1 and ("norm" in key or ".ln_" in key) and key.endswith("weight"):
+                value = 1 + 0.1 * value
+            elif len(shape) >= 2:
+                value = value * math.prod(shape[1:]) ** -0.5 if "embedding" not in key else value * 0.02
+            else:
+                value = value * 0.1
+            f.write(value.half().numpy().tobytes())
+    return offset
+
+
+LOAD_MINISD = """
+import time, torch, minisd
+t0 = time.perf_counter()
+sd = minisd.load({path!r}, device="cpu", dtype={dtype}, prediction={prediction!r})
+seconds = time.perf_counter() - t0
+n = {{name: sum(p.numel() for p in m.parameters()) for name, m in (("unet", sd.unet), ("vae", sd.vae),
+     ("text", sd.text_encoder))}}
+hwm = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024
+result = dict(seconds=seconds, peak=hwm, params=n, variant=sd.config.variant, size=sd.config.image_size)
+if {step}:
+    torch.set_flush_denormal(True)
+    c = sd.config
+    latent = c.image_size // 8
+    x = torch.randn(1, 4, latent, latent, dtype=sd.dtype)
+    ctx = torch.randn(1, 77, c.unet.context_dim, dtype=sd.dtype)
+    y = torch.randn(1, c.unet.adm_in_channels, dtype=sd.dtype) if c.unet.adm_in_channels else None
+    times = []
+    with torch.inference_mode():
+        for _ in range({repeats}):
+            t0 = time.perf_counter()
+            sd.unet(x, torch.tensor([500.0]), ctx, y=y) if y is not None else sd.unet(x, torch.tensor([500.0]), ctx)
+            times.append(time.perf_counter() - t0)
+    result["step"] = min(times)
+    result["step_peak"] = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024
+print("RESULT", result)
+"""
+
+LOAD_DIFFUSERS = """
+import json, time, torch, diffusers
+from pathlib import Path
+from minisd.config import infer_config
+from minisd.testing import diffusers_config_folder
+from safetensors import safe_open
+with safe_open({path!r}, "pt") as f:
+    shapes = {{k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}}
+folder = diffusers_config_folder(Path({tmp!r}) / "configs", infer_config(shapes))
+t0 = time.perf_counter()
+unet = diffusers.UNet2DConditionModel.from_single_file({path!r}, config=str(folder), subfolder="unet",
+                                                      torch_dtype={dtype})
+vae = diffusers.AutoencoderKL.from_single_file({path!r}, config=str(folder), subfolder="vae", torch_dtype={dtype})
+seconds = time.perf_counter() - t0
+hwm = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024
+print("RESULT", dict(seconds=seconds, peak=hwm, params=dict(unet=sum(p.numel() for p in unet.parameters()),
+                                                          vae=sum(p.numel() for p in vae.parameters()))))
+"""
+
+
+def run(script: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise SystemExit(f"failed:\n{out.stderr[-3000:]}")
+    return eval(lines[-1][len("RESULT "):])  # our own subprocess's dict literal
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", required=True, type=Path)
+    parser.add_argument("--dtypes", default="bf16", help="comma-separated: fp32, bf16, fp16")
+    parser.add_argument("--prediction", choices=["eps", "v"], default="eps")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-diffusers", action="store_true")
+    parser.add_argument("--no-step", action="store_true", help="loads only (minisd, diffusers, minisd again)")
+    parser.add_argument("--keep", type=Path, help="write the file here (and keep it) instead of a temporary folder")
+    args = parser.parse_args()
+    manifest = read_manifest(args.manifest)
+    with tempfile.TemporaryDirectory(dir=args.keep.parent if args.keep else None) as tmp:
+        path = args.keep or Path(tmp) / "full.safetensors"
+        if not path.exists():
+            t0 = time.perf_counter()
+            size = write_random_file(manifest, path)
+            print(f"wrote {path} ({size / 1e9:.2f} GB of tensors) in {time.perf_counter() - t0:.0f} s", flush=True)
+        rows = []
+        for name in args.dtypes.split(","):
+            r = run(LOAD_MINISD.format(path=str(path), dtype=DTYPES[name], prediction=args.prediction,
+                                       step=not args.no_step, repeats=args.repeats))
+            rows.append((f"minisd load ({name}, all components)", r["seconds"], r["peak"], r.get("step"),
+                         r.get("step_peak")))
+            print(rows[-1], r["params"], r["variant"], r["size"], flush=True)
+            if not args.no_diffusers:
+                d = run(LOAD_DIFFUSERS.format(path=str(path), dtype=DTYPES[name], tmp=tmp))
+                rows.append((f"diffusers from_single_file ({name}, UNet + VAE)", d["seconds"], d["peak"], None, None))
+                print(rows[-1], d["params"], flush=True)
+                if args.no_step:  # alternate: the page cache and the machine's load then favour neither side
+                    r = run(LOAD_MINISD.format(path=str(path), dtype=DTYPES[name], prediction=args.prediction,
+                                               step=False, repeats=1))
+                    rows.append((f"minisd load ({name}, all components), again", r["seconds"], r["peak"], None, None))
+                    print(rows[-1], flush=True)
+        print(f"\n{manifest['source']}, {os.cpu_count()} CPUs, torch {torch.__version__}\n")
+        print("| what | load s | peak RSS GiB | UNet step s (1×, native size) | peak RSS with step GiB |")
+        print("|---|---|---|---|---|")
+        for what, seconds, peak, step, step_peak in rows:
+            print(f"| {what} | {seconds:.1f} | {peak / 2**30:.2f} | {'' if step is None else f'{step:.1f}'} | "
+                  f"{'' if step_peak is None else f'{step_peak / 2**30:.2f}'} |")
+
+
+if __name__ == "__main__":
+    main()

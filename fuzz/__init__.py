@@ -1,0 +1,1 @@
+"""Coverage-guided fuzz targets (atheris) for every parser of outside input, and their corpora."""
