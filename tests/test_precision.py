@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import minisd
+from minisd import precision
 from minisd.cli import main
 from minisd.precision import compute_choice, cpu_has_amx
 from minisd.testing import random_state_dict
@@ -25,6 +26,26 @@ def test_cpu_kind_decides_the_compute_precision(cpu_kind):
     assert choice.dtype == DTYPE_OF_KIND[cpu_kind]
     assert ("has AMX" if cpu_kind == "amx" else "no AMX") in choice.reason
     assert compute_choice("cuda").dtype == torch.float16
+
+
+@pytest.mark.parametrize("speedup, dtype", [(1.8, torch.bfloat16), (0.5, torch.float32), (1.1, torch.float32)])
+def test_without_amx_bf16_is_chosen_where_it_measures_faster(monkeypatch, tmp_path, speedup, dtype):
+    """No assumption set: the choice follows a bf16/fp32 matmul measurement, made once and remembered."""
+    monkeypatch.delenv("MINISD_ASSUME_AMX")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(precision, "cpu_has_amx", lambda: False)
+    calls = []
+
+    def seconds(d, **_):
+        calls.append(d)
+        return speedup if d == torch.float32 else 1.0
+    monkeypatch.setattr(precision, "matmul_seconds", seconds)
+    choice = compute_choice("cpu")
+    assert choice.dtype == dtype and f"{speedup:.1f}" in choice.reason and "measured" in choice.reason
+    assert choice.memory_format == (torch.channels_last if dtype == torch.bfloat16 else torch.contiguous_format)
+    assert len(calls) == 2 and compute_choice("cpu").dtype == dtype and len(calls) == 2  # cached on disk
+    assert list((tmp_path / "minisd").iterdir())
+    assert 0.0 < precision.matmul_seconds(torch.float32, n=64, repeats=1) < 10
 
 
 @pytest.mark.parametrize("name, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
