@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import math
 import os
-import struct
 import subprocess
 import sys
 import tempfile
@@ -23,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from minisd.testing import write_manifest_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16", "fp16": "torch.float16"}
@@ -32,41 +32,6 @@ def read_manifest(path: Path) -> dict:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
         return json.load(f)
-
-
-def write_random_file(manifest: dict, path: Path, seed: int = 0) -> int:
-    """A safetensors file of every manifest key (fp16 floats, int64 ints), written tensor by tensor so that
-    memory stays at one tensor. Values: N(0, 1/fan_in) (norm weights near 1), enough for speed and shapes."""
-    keys, ints = manifest["keys"], set(manifest.get("int_keys", []))
-    header, offset = {}, 0
-    for key in sorted(keys):
-        shape = keys[key]
-        n = 1
-        for s in shape:
-            n *= s
-        dtype, size = ("I64", 8) if key in ints else ("F16", 2)
-        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n * size]}
-        offset += n * size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    g = torch.Generator().manual_seed(seed)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        for key in sorted(keys):
-            shape = keys[key]
-            if key in ints:
-                f.write(torch.arange(shape[-1] if shape else 1, dtype=torch.int64).expand(*shape).contiguous()
-                        .numpy().tobytes())
-                continue
-            value = torch.randn(shape, generator=g)
-            if len(shape) == 1 and ("norm" in key or ".ln_" in key) and key.endswith("weight"):
-                value = 1 + 0.1 * value
-            elif len(shape) >= 2:
-                value = value * math.prod(shape[1:]) ** -0.5 if "embedding" not in key else value * 0.02
-            else:
-                value = value * 0.1
-            f.write(value.half().numpy().tobytes())
-    return offset
 
 
 LOAD_MINISD = """
@@ -139,7 +104,7 @@ def main() -> None:
         path = args.keep or Path(tmp) / "full.safetensors"
         if not path.exists():
             t0 = time.perf_counter()
-            size = write_random_file(manifest, path)
+            size = write_manifest_checkpoint(manifest["keys"], path, set(manifest.get("int_keys", [])))
             print(f"wrote {path} ({size / 1e9:.2f} GB of tensors) in {time.perf_counter() - t0:.0f} s", flush=True)
         rows = []
         for name in args.dtypes.split(","):

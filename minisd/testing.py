@@ -4,6 +4,7 @@ packages are test/bench-only dependencies and are imported only when a reference
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -204,3 +205,37 @@ def reference_family_pipeline(kind: str, path: Path, config: ModelConfig, tmp: P
                                             scheduler=scheduler, requires_aesthetics_score=True, **parts)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def write_manifest_checkpoint(keys: dict[str, list[int]], path: Path, int_keys=(), seed: int = 0) -> int:
+    """A full-size fp16 .safetensors with every key and shape of a real checkpoint's manifest (int64 for
+    `int_keys`), written tensor by tensor so memory stays at one tensor; returns the bytes of tensor data.
+    Values: slices of one random pool scaled by 1/√fan-in (norm weights near 1), sane activations and far cheaper
+    than drawing billions of numbers; enough for loading, shapes, memory and speed, not for parity."""
+    import struct
+    header, offset = {}, 0
+    for key in sorted(keys):
+        dtype, size = ("I64", 8) if key in int_keys else ("F16", 2)
+        numel = math.prod(keys[key])
+        header[key] = {"dtype": dtype, "shape": keys[key], "data_offsets": [offset, offset + numel * size]}
+        offset += numel * size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    g = torch.Generator().manual_seed(seed)
+    pool_size = 1 << 22
+    pool = torch.randn(pool_size, generator=g).repeat(2)  # doubled: a slice may start anywhere in the first half
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for key in sorted(keys):
+            shape = keys[key]
+            if key in int_keys:  # position ids
+                f.write(torch.arange(shape[-1] if shape else 1).expand(*shape).contiguous().numpy().tobytes())
+                continue
+            numel = math.prod(shape)
+            norm = len(shape) == 1 and ("norm" in key or ".ln_" in key) and key.endswith("weight")
+            scale = 0.1 if len(shape) < 2 else 0.02 if "embedding" in key else math.prod(shape[1:]) ** -0.5
+            for start in range(0, numel, pool_size):
+                at = int(torch.randint(pool_size, (), generator=g))
+                chunk = pool[at:at + min(pool_size, numel - start)] * scale
+                f.write((chunk + 1 if norm else chunk).half().numpy().tobytes())
+    return offset
