@@ -484,12 +484,15 @@ class StableDiffusion:
         a half-precision decode that overflows is redone in float32."""
         if self.taesd is not None and self.decode_with_taesd:
             return self.preview_latents(latents)
-        out = []
+        out, float32_vae = [], None
         decode = (lambda vae, z: tiled_decode(vae, z)) if tiled else (lambda vae, z: vae.decode(z))
         for z in (latents / self.config.vae.scaling_factor).split(1):
             image = decode(self.vae, z.to(self.dtype)).float()
             if not torch.isfinite(image).all() and self.dtype != torch.float32:
-                image = decode(_float32_copy(self.vae), z.float())
+                # made once per call and dropped after it: no lasting float32 copy, and a swapped VAE is seen
+                if float32_vae is None:
+                    float32_vae = _float32_decoder(self.vae)
+                image = decode(float32_vae, z.float())
             out.append(image.clamp(-1, 1))
         return torch.cat(out)
 
@@ -503,9 +506,15 @@ class StableDiffusion:
         return self
 
 
-def _float32_copy(module: torch.nn.Module) -> torch.nn.Module:
+def _float32_decoder(vae: AutoencoderKL) -> AutoencoderKL:
+    """A float32 copy of the decoding half of `vae` (`post_quant_conv`, `decoder`); its encoder stays on the meta
+    device, unallocated: only `decode` and `tiled_decode` may be called on it."""
     import copy
-    return copy.deepcopy(module).float()
+    with torch.device("meta"):
+        copied = AutoencoderKL(vae.config)
+    copied.post_quant_conv = copy.deepcopy(vae.post_quant_conv).float()
+    copied.decoder = copy.deepcopy(vae.decoder).float()
+    return copied.eval()
 
 
 def _version() -> str:

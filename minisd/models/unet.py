@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import UNetConfig
+from .attention_precision import upcast_if_float16
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -61,8 +62,9 @@ class CrossAttention(nn.Module):
         v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
         if self.probe is not None:
             self.probe(self, q, k)
+        q, k, v = upcast_if_float16(q, k, v)  # SD 2.1's q·kᵀ overflows float16 (attention_precision.py)
         out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(out.transpose(1, 2).reshape(b, n, c))
+        return self.to_out(out.to(x.dtype).transpose(1, 2).reshape(b, n, c))
 
 
 class GEGLU(nn.Module):

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
+from .attention_precision import upcast_if_float16
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -44,8 +45,9 @@ class AttnBlock(nn.Module):
         # (B, C, H, W) -> (B, 1, H·W, C): one head whose tokens are the pixels. Contiguous, or attention falls
         # back to a kernel that materialises the (H·W)² score matrix (2 GiB at 1024×1024 pixels).
         q, k, v = (p(y).flatten(2).transpose(1, 2).contiguous().unsqueeze(1) for p in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj_out(out.squeeze(1).transpose(1, 2).reshape(b, c, h, w))
+        # The encoder has no float32 retry (the decoder has, in pipeline.decode_latents): its scores must not overflow.
+        out = F.scaled_dot_product_attention(*upcast_if_float16(q, k, v))
+        return x + self.proj_out(out.to(x.dtype).squeeze(1).transpose(1, 2).reshape(b, c, h, w))
 
 
 class Downsample(nn.Module):
