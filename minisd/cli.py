@@ -27,6 +27,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     path = Path(c.source)
     print(f"file:        {path}")
     print(f"variant:     {c.config.variant}")
+    print(f"prediction:  {c.config.schedule.prediction_type}, default size {c.config.image_size}x{c.config.image_size}")
+    if c.config.open_clip is not None and c.config.open_clip.dropped_last_layers:
+        tower = c.config.open_clip
+        print(f"OpenCLIP:    {tower.layers} of {tower.layers + tower.dropped_last_layers} layers stored")
     print(f"EMA weights: {'present, used' if c.has_ema else 'none'}")
     for name, module in (("unet", c.unet), ("vae", c.vae), ("text_encoder", c.text_encoder)):
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()})

@@ -37,6 +37,11 @@ class OpenCLIPTextConfig:
     heads: int = 16
     mlp_width: int = 4096
     projection_dim: int = 1024
+    # A tower converted to transformers' layout (diffusers' SD 2.x `text_encoder/`, and files written from one)
+    # lacks the original's last `dropped_last_layers` layers: SD 2.x conditions on the penultimate layer, so
+    # diffusers keeps 23 of ViT-H's 24. Without the last layer there is no pooled output, so no `text_projection`.
+    dropped_last_layers: int = 0
+    has_logit_scale: bool = True  # CLIP's unused temperature: transformers' CLIP text models have no place for it
 
 
 @dataclass(frozen=True)
@@ -344,11 +349,18 @@ def infer_text_config(sd: Mapping[str, torch.Tensor], prefix: str = TEXT_PREFIX)
 def infer_open_clip_config(sd: Mapping[str, torch.Tensor], prefix: str) -> OpenCLIPTextConfig:
     """OpenCLIP text-transformer hyperparameters from its weight shapes (64-channel heads, as ViT-H and bigG)."""
     vocab, width = _shape(sd, f"{prefix}token_embedding.weight")
+    layers = _count(sd, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
+    # ViT-H with 23 layers: an SD 2.x file written back from a diffusers folder (diffusers' conversion script),
+    # whose text encoder kept all but the last layer. A1111 runs such files: its default, the penultimate
+    # layer of the 24, is the 23rd, the last one stored.
+    dropped = 1 if (width, layers) == (1024, 23) else 0
+    projection = f"{prefix}text_projection"
     return OpenCLIPTextConfig(
         vocab_size=vocab, width=width, context_length=_shape(sd, f"{prefix}positional_embedding")[0],
-        layers=_count(sd, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\."), heads=max(1, width // 64),
+        layers=layers, heads=max(1, width // 64),
         mlp_width=_shape(sd, f"{prefix}transformer.resblocks.0.mlp.c_fc.weight")[0],
-        projection_dim=_shape(sd, f"{prefix}text_projection")[1])
+        projection_dim=_shape(sd, projection)[1] if projection in sd or not dropped else width,
+        dropped_last_layers=dropped, has_logit_scale=f"{prefix}logit_scale" in sd)
 
 
 def supported_variant(sd: Mapping[str, torch.Tensor]) -> str:

@@ -126,6 +126,8 @@ def check_config(config: ModelConfig, where: str) -> ModelConfig:
                         getattr(text, "num_attention_heads", getattr(text, "heads", 1)))
         if text is not None and width % heads:
             refuse(f"text width {width} is not divisible by its {heads} attention heads")
+    if getattr(getattr(config, "open_clip", None), "dropped_last_layers", 0) and config.family != "sd2":
+        refuse("only an SD 2.x text encoder can lack its last layers (SDXL needs bigG's pooled output)")
     if not config.schedule.beta_start <= config.schedule.beta_end:
         refuse("beta_start must not exceed beta_end")
     return config

@@ -201,9 +201,9 @@ def test_base_img2img_equals_diffusers(base, ref_base):
 
 
 @pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sdxl-refiner", "tiny-sd2"])
-def test_save_round_trip_and_diffusers_folders_refused(tmp_path, preset):
+def test_save_round_trip(tmp_path, preset):
     """An SD 2.x / SDXL model writes back to an original-layout file with the same keys (fp16 here) and loads to
-    the same weights; diffusers folders of these families are refused in one line (not yet converted)."""
+    the same weights (diffusers folders of these families: test_family_folders.py)."""
     from safetensors.torch import load_file
 
     src = tmp_path / "src.safetensors"
@@ -215,9 +215,6 @@ def test_save_round_trip_and_diffusers_folders_refused(tmp_path, preset):
     assert all(torch.equal(written[k], state[k].half()) for k in state)
     again = minisd.load(tmp_path / "half.safetensors", dtype=torch.float16)
     assert again.config == sd.config
-    with pytest.raises(minisd.CheckpointError, match="diffusers folders of SD 2.x / SDXL"):
-        sd.save(tmp_path / "folder")
-    assert not (tmp_path / "folder").exists()
 
 
 def test_cli_refiner_flags(base, refiner, tmp_path):

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import SIZE_EMBEDDING_DIM, CLIPTextConfig, ModelConfig, OpenCLIPTextConfig
+from ..errors import ParameterError
 from .clip import CLIPTextModel
 from .open_clip import OpenCLIPTextModel
 from .unet import timestep_embedding
@@ -15,7 +16,8 @@ from .unet import timestep_embedding
 
 class SD2TextEncoder(nn.Module):
     """SD 2.x's `cond_stage_model` (ldm `FrozenOpenCLIPEmbedder`, layer "penultimate"): ids (k, 77) ->
-    context (k, 77, width). Clip skip n takes layer −(n + 1): 1, the default, is SD 2.x's penultimate layer."""
+    context (k, 77, width). Clip skip n takes layer −(n + 1) of the original tower: 1, the default, is SD 2.x's
+    penultimate layer, which is the last one stored when the tower was converted from a diffusers folder."""
 
     checkpoint_prefix = "cond_stage_model."
     pad_id = 0  # OpenCLIP pads with 0 after the end-of-text token
@@ -25,7 +27,12 @@ class SD2TextEncoder(nn.Module):
         self.model = OpenCLIPTextModel(config)
 
     def forward(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        return self.model(input_ids, clip_skip=clip_skip + 1, final_norm=True)
+        dropped, stored = self.model.config.dropped_last_layers, self.model.config.layers
+        from_end = clip_skip + 1 - dropped  # counted from the last stored layer
+        if not 1 <= from_end <= stored:
+            raise ParameterError(f"clip skip must be between {max(1, dropped)} and {stored + dropped - 1} for this "
+                                 f"text encoder ({stored} layers stored of {stored + dropped}), got {clip_skip}")
+        return self.model(input_ids, clip_skip=from_end, final_norm=True)
 
 
 class _CLIPEmbedder(nn.Module):

@@ -65,8 +65,10 @@ class OpenCLIPTextModel(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
         self.transformer = Transformer(config)
         self.ln_final = nn.LayerNorm(config.width)
-        self.text_projection = nn.Parameter(torch.empty(config.width, config.projection_dim))
-        self.logit_scale = nn.Parameter(torch.empty(()))  # CLIP's contrastive temperature: stored, unused here
+        if not config.dropped_last_layers:  # a truncated tower (config.py) has no pooled output to project
+            self.text_projection = nn.Parameter(torch.empty(config.width, config.projection_dim))
+        if config.has_logit_scale:
+            self.logit_scale = nn.Parameter(torch.empty(()))  # CLIP's contrastive temperature: stored, unused here
 
     def forward(self, input_ids: torch.Tensor, clip_skip: int = 1, final_norm: bool = True,
                 return_pooled: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +85,8 @@ class OpenCLIPTextModel(nn.Module):
         hidden = self.ln_final(x) if final_norm else x
         if not return_pooled:
             return hidden
+        if self.config.dropped_last_layers:
+            raise ValueError("this text encoder lacks its last layers, so it has no pooled embedding")
         for block in blocks[keep:]:
             x = block(x)
         # The end-of-text token has the largest id, so argmax finds it (OpenCLIP's rule; padding is 0).
