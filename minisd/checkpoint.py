@@ -37,6 +37,7 @@ IGNORED_KEYS = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_c
                 "denoiser.sigmas", "v_pred", "ztsnr"}
 PREDICTIONS = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
 POSITION_IDS = "text_model.embeddings.position_ids"
+OPEN_CLIP_LINEAR_PROJECTION = "model.text_projection.weight"
 EMA_PREFIX = "model_ema."
 MAX_NESTING = 8  # levels of {"state_dict": {...}} unwrapped in pickle checkpoints
 LFS_MAGIC = b"version https://git-lfs.github.com/spec/v1"
@@ -98,6 +99,18 @@ def _clip_name(name: str) -> str | None:
     return None if name == POSITION_IDS else name  # recomputed: community files store it as float or corrupt it
 
 
+def _open_clip_entry(name: str, value: torch.Tensor) -> tuple[str, torch.Tensor] | None:
+    """An OpenCLIP tower's key and tensor, normalised; None for a buffer to drop. Single files written from
+    diffusers folders (diffusers' `convert_diffusers_to_original_sdxl.py`) keep transformers' names for two
+    entries: the projection as a Linear weight (`text_projection.weight` = OpenCLIP's `text_projection`ᵀ) and,
+    from older transformers, the `position_ids` buffer (recomputed)."""
+    if name.endswith(OPEN_CLIP_LINEAR_PROJECTION):
+        return name[:-len(".weight")], value.T.contiguous()
+    if name.endswith(POSITION_IDS):
+        return None
+    return name, value
+
+
 def split_components(state: dict[str, torch.Tensor], use_ema: bool = True, text_prefix: str = TEXT_PREFIX
                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], bool]:
     """UNet, VAE and text-encoder state dicts (original names, prefixes removed) and whether EMA weights
@@ -117,6 +130,10 @@ def split_components(state: dict[str, torch.Tensor], use_ema: bool = True, text_
             elif name.startswith(sdxl_clip):
                 inner = _clip_name(name[len(sdxl_clip):])
                 name = None if inner is None else sdxl_clip + inner
+            elif entry := _open_clip_entry(name, value):
+                name, value = entry
+            else:
+                name = None
             if name is not None:
                 text[name] = value
         elif key in IGNORED_KEYS:

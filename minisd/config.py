@@ -266,7 +266,8 @@ def detect_variant(sd: Mapping[str, torch.Tensor]) -> str:
             "not a Stable Diffusion checkpoint: no UNet weights (model.diffusion_model.input_blocks.0.0.weight)")
     channels = sd[first].shape[1]
     if f"{UNET_PREFIX}label_emb.0.0.weight" in sd or any(k.startswith("conditioner.embedders.") for k in keys):
-        family = "sdxl-refiner" if "conditioner.embedders.0.model.text_projection" in sd else "sdxl"
+        # the refiner's first embedder is bigG (OpenCLIP `model.`), the base's is CLIP-L (`transformer.`)
+        family = "sdxl-refiner" if any(k.startswith("conditioner.embedders.0.model.") for k in keys) else "sdxl"
         if channels != 4:
             raise UnsupportedModelError(f"SDXL UNet with {channels} input channels is not supported")
         return family

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import minisd
-from minisd.checkpoint import IGNORED_KEYS, original_state_dict
+from minisd.checkpoint import CONFIG_METADATA_KEY, IGNORED_KEYS, original_state_dict
 from minisd.config import PRESETS, ModelConfig, infer_config
 from minisd.models.conditioner import text_encoder_for
 from minisd.models.unet import UNetModel, timestep_embedding
@@ -215,6 +215,54 @@ def test_save_round_trip(tmp_path, preset):
     assert all(torch.equal(written[k], state[k].half()) for k in state)
     again = minisd.load(tmp_path / "half.safetensors", dtype=torch.float16)
     assert again.config == sd.config
+
+
+@pytest.mark.parametrize("which", ["base", "refiner"])
+def test_file_converted_from_a_diffusers_folder_loads_as_the_same_model(which, base, refiner, tmp_path):
+    """diffusers' `convert_diffusers_to_original_sdxl.py` keeps two transformers names in bigG's original-layout
+    keys: the projection as a Linear weight (`text_projection.weight`, the transpose of OpenCLIP's matrix) and,
+    from older transformers, `text_model.embeddings.position_ids`; it writes no `logit_scale` and no metadata."""
+    import dataclasses
+
+    from safetensors.torch import load_file, save_file
+
+    path, config, sd, _ = base if which == "base" else refiner
+    state = load_file(str(path))
+    prefix = "conditioner.embedders.1.model." if which == "base" else "conditioner.embedders.0.model."
+    state[prefix + "text_projection.weight"] = state.pop(prefix + "text_projection").T.contiguous()
+    state[prefix + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    del state[prefix + "logit_scale"]
+    # the tiny widths do not follow SD's head conventions, so the config rides along (a real file's is inferred)
+    expected = dataclasses.replace(config, open_clip=dataclasses.replace(config.open_clip, has_logit_scale=False))
+    save_file(state, str(tmp_path / "converted.safetensors"), metadata={CONFIG_METADATA_KEY: expected.to_json()})
+    converted = minisd.load(tmp_path / "converted.safetensors", dtype=torch.float32)
+    assert converted.config == expected
+    ids = torch.randint(0, EOS_ID, (2, 77), generator=torch.Generator().manual_seed(1))
+    ids[:, 0], ids[:, 30:] = 49406, EOS_ID
+    zero = ids.clone()
+    zero[:, 31:] = 0
+    with torch.no_grad():
+        (hidden, pooled), (expected_hidden, expected_pooled) = converted.text_encoder(ids, zero), sd.text_encoder(
+            ids, zero)
+    assert torch.equal(pooled, expected_pooled) and all(map(torch.equal, hidden, expected_hidden))
+
+
+def test_released_keys_as_diffusers_converts_them_infer_the_sdxl_config():
+    """The same conversion on the real SDXL base keys (meta tensors): the inferred config is the preset's."""
+    import dataclasses
+
+    from minisd.checkpoint import split_components
+    from minisd.config import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX
+
+    state = {k: torch.empty(v, device="meta") for k, v in manifest("sdxl-base").items()}
+    prefix = "conditioner.embedders.1.model."
+    state[prefix + "text_projection.weight"] = state.pop(prefix + "text_projection").T
+    del state[prefix + "logit_scale"]
+    unet, vae, text, _ = split_components(state, text_prefix=TEXT_PREFIXES["sdxl"])
+    config = infer_config({UNET_PREFIX + k: v for k, v in unet.items()} | {VAE_PREFIX + k: v for k, v in vae.items()}
+                          | {TEXT_PREFIXES["sdxl"] + k: v for k, v in text.items()})
+    sdxl = PRESETS["sdxl"]
+    assert config == dataclasses.replace(sdxl, open_clip=dataclasses.replace(sdxl.open_clip, has_logit_scale=False))
 
 
 def test_cli_refiner_flags(base, refiner, tmp_path):
