@@ -1,7 +1,8 @@
 """Full-size SD 2.x / SDXL from a key manifest: write a random-weight fp16 file with every key and shape of the
 real checkpoint (streamed, one tensor at a time), then, each in a fresh process: minisd's load (time, peak RSS,
-no surprise keys), diffusers' `from_single_file` of the UNet and VAE on the same file (time, peak RSS), and one
-UNet step (cond only, batch 1) at the model's native size in the chosen precisions. Prints a markdown table.
+no surprise keys), diffusers' `from_single_file` of the UNet and VAE on the same file (time, peak RSS), and in each
+one UNet step (cond only, batch 1, best of --repeats) at the model's native size in the chosen precisions.
+Prints a markdown table.
 
     python bench/full_size.py --manifest /work/shared/manifests/sdxl-base.json --dtypes bf16
     python bench/full_size.py --manifest tests/data/sd2.json.gz --prediction v --dtypes bf16,fp32
@@ -76,8 +77,34 @@ unet = diffusers.UNet2DConditionModel.from_single_file({path!r}, config=str(fold
 vae = diffusers.AutoencoderKL.from_single_file({path!r}, config=str(folder), subfolder="vae", torch_dtype={dtype})
 seconds = time.perf_counter() - t0
 hwm = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024
-print("RESULT", dict(seconds=seconds, peak=hwm, params=dict(unet=sum(p.numel() for p in unet.parameters()),
-                                                          vae=sum(p.numel() for p in vae.parameters()))))
+result = dict(seconds=seconds, peak=hwm, params=dict(unet=sum(p.numel() for p in unet.parameters()),
+                                                     vae=sum(p.numel() for p in vae.parameters())))
+if {step}:  # the same inputs as minisd's step, and the memory format minisd picks for this precision
+    from minisd.config import SIZE_EMBEDDING_DIM
+    from minisd.precision import memory_format
+    torch.set_flush_denormal(True)
+    unet.to(memory_format=memory_format(torch.device("cpu"), {dtype}))
+    c = infer_config(shapes)
+    latent = {size} // 8  # minisd's native size for the file (the keys alone do not show a 768-v model)
+    x = torch.randn(1, 4, latent, latent, dtype={dtype})
+    ctx = torch.randn(1, 77, c.unet.context_dim, dtype={dtype})
+    extra = {{}}
+    if c.unet.adm_in_channels:
+        numbers = 6 if c.variant == "sdxl" else 5
+        extra["added_cond_kwargs"] = dict(
+            text_embeds=torch.randn(1, c.unet.adm_in_channels - numbers * SIZE_EMBEDDING_DIM, dtype={dtype}),
+            # original size, crop top-left, then the target size (base) or the aesthetic score (refiner)
+            time_ids=torch.tensor([[{size}, {size}, 0, 0] + ([{size}] * 2 if numbers == 6 else [6])],
+                                  dtype=torch.float32))
+    times = []
+    with torch.inference_mode():
+        for _ in range({repeats}):
+            t0 = time.perf_counter()
+            unet(x, torch.tensor([500.0]), encoder_hidden_states=ctx, **extra)
+            times.append(time.perf_counter() - t0)
+    result["step"] = min(times)
+    result["step_peak"] = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024
+print("RESULT", result)
 """
 
 
@@ -114,8 +141,10 @@ def main() -> None:
                          r.get("step_peak")))
             print(rows[-1], r["params"], r["variant"], r["size"], flush=True)
             if not args.no_diffusers:
-                d = run(LOAD_DIFFUSERS.format(path=str(path), dtype=DTYPES[name], tmp=tmp))
-                rows.append((f"diffusers from_single_file ({name}, UNet + VAE)", d["seconds"], d["peak"], None, None))
+                d = run(LOAD_DIFFUSERS.format(path=str(path), dtype=DTYPES[name], tmp=tmp, step=not args.no_step,
+                                              repeats=args.repeats, size=r["size"]))
+                rows.append((f"diffusers from_single_file ({name}, UNet + VAE)", d["seconds"], d["peak"], d.get("step"),
+                             d.get("step_peak")))
                 print(rows[-1], d["params"], flush=True)
                 if args.no_step:  # alternate: the page cache and the machine's load then favour neither side
                     r = run(LOAD_MINISD.format(path=str(path), dtype=DTYPES[name], prediction=args.prediction,
