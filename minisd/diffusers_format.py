@@ -14,7 +14,7 @@ from .config import (SIZE_EMBEDDING_DIM, TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX,
 from .config_limits import check_config
 from .errors import CheckpointError, UnsupportedModelError
 from .open_clip_keys import to_open_clip, to_transformers
-from .tokenizer import write_hf_files
+from .tokenizer import EOS_TOKEN, write_hf_files
 
 RESNET_UNET = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
                ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection.")]
@@ -362,14 +362,6 @@ def read_diffusers_folder(folder: str | os.PathLike, read_file) -> tuple[dict[st
     return state, config
 
 
-def _write_tokenizer(path: Path, pad_token: str | None) -> None:
-    """transformers' tokenizer files; OpenCLIP's tokenizers (SD 2.x, SDXL's `tokenizer_2`) pad with "!" (id 0)."""
-    write_hf_files(path)
-    if pad_token is not None:
-        settings = json.loads((path / "tokenizer_config.json").read_text())
-        (path / "tokenizer_config.json").write_text(json.dumps({**settings, "pad_token": pad_token}, indent=2))
-
-
 def scheduler_for(config: ModelConfig) -> tuple[str, dict]:
     """The scheduler a folder of this family names: SDXL's folders have Euler, SD 1.x/2.x's PNDM."""
     if config.family != "sdxl":
@@ -395,12 +387,12 @@ def write_diffusers_folder(folder: str | os.PathLike, unet: dict[str, torch.Tens
     }
     index = {"_class_name": PIPELINES[config.variant], "_diffusers_version": "0.42.1",
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
-    tokenizers: dict[str, str | None] = {}
+    tokenizers: dict[str, str] = {}  # tokenizer folder -> its pad token
     for part, (kind, slot) in text_parts(config.variant).items():
         weights = {k[len(slot):]: v for k, v in text.items() if k.startswith(slot)}
         if not slot.endswith("model."):  # CLIP-L: transformers' layout already
             parts[part] = (weights, text_config_json(config.text))
-            tokenizers[part.replace("text_encoder", "tokenizer")] = None
+            tokenizers[part.replace("text_encoder", "tokenizer")] = EOS_TOKEN
             index[part] = ["transformers", kind]
             continue
         c = config.open_clip
@@ -419,7 +411,7 @@ def write_diffusers_folder(folder: str | os.PathLike, unet: dict[str, torch.Tens
         (folder / name / "config.json").write_text(json.dumps(cfg, indent=2))
         write_file(weights, folder / name / f"{WEIGHT_FILES[name]}.safetensors")
     for name, pad in tokenizers.items():
-        _write_tokenizer(folder / name, pad)
+        write_hf_files(folder / name, pad_token=pad)
         index[name] = ["transformers", "CLIPTokenizer"]
     scheduler, scheduler_config = scheduler_for(config)
     (folder / "scheduler").mkdir(exist_ok=True)

@@ -172,15 +172,6 @@ def reference_family_components(path: Path, config: ModelConfig, tmp: Path) -> d
     return out
 
 
-def write_open_clip_tokenizer(folder: Path) -> None:
-    """transformers' tokenizer files as diffusers' SD 2.x / SDXL (`tokenizer_2`) folders have them: pad "!" (0)."""
-    from .tokenizer import write_hf_files
-
-    write_hf_files(folder)
-    settings = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "pad_token": "!"}))
-
-
 def reference_family_pipeline(kind: str, path: Path, config: ModelConfig, tmp: Path, scheduler):
     """A diffusers pipeline (`kind` = its class name) of an SD 2.x or SDXL model on the very same file."""
     import diffusers
@@ -191,7 +182,7 @@ def reference_family_pipeline(kind: str, path: Path, config: ModelConfig, tmp: P
     parts = reference_family_components(path, config, tmp)
     folder = parts.pop("folder")
     write_hf_files(folder / "tokenizer")
-    write_open_clip_tokenizer(folder / "tokenizer_2")
+    write_hf_files(folder / "tokenizer_2", pad_token="!")  # OpenCLIP's tokenizer, as diffusers' folders have it
     clip_tokenizer = RefTokenizer.from_pretrained(str(folder / "tokenizer"))
     open_tokenizer = RefTokenizer.from_pretrained(str(folder / "tokenizer_2"))
     if config.family == "sd2":

@@ -79,16 +79,17 @@ def build_vocab(merges: Sequence[tuple[str, str]]) -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
-def write_hf_files(folder: str | Path, vocab_path: str | Path = VOCAB_PATH) -> None:
-    """Write the vocabulary as Hugging Face's `vocab.json` + `merges.txt` (+ the SD 1.x tokenizer settings),
-    the `tokenizer/` folder of a diffusers model."""
+def write_hf_files(folder: str | Path, vocab_path: str | Path = VOCAB_PATH, pad_token: str = EOS_TOKEN) -> None:
+    """Write the vocabulary as Hugging Face's `vocab.json` + `merges.txt` (+ the tokenizer settings), the
+    `tokenizer/` folder of a diffusers model. CLIP-L pads with end-of-text; OpenCLIP's tokenizers (SD 2.x,
+    SDXL's `tokenizer_2`) with "!" (id 0)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     merges = read_merges(vocab_path)
     (folder / "vocab.json").write_text(json.dumps(build_vocab(merges), ensure_ascii=False), encoding="utf-8")
     lines = ["#version: 0.2"] + [" ".join(m) for m in merges]
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    settings = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN,
+    settings = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": pad_token,
                 "model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}
     (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
 

@@ -96,10 +96,10 @@ def test_open_clip_padding_equals_transformers_tokenizer_with_pad_bang(tmp_path)
     token (id 0), where OpenCLIP (and A1111) read the word "!" (id 256); strings with "!" are checked on that."""
     from transformers import CLIPTokenizer as RefTokenizer
 
-    from minisd.testing import write_open_clip_tokenizer
+    from minisd.tokenizer import write_hf_files
     from test_tokenizer import PROMPTS, random_strings
 
-    write_open_clip_tokenizer(tmp_path / "tok")
+    write_hf_files(tmp_path / "tok", pad_token="!")  # as diffusers' SD 2.x / SDXL tokenizer folders
     ref = RefTokenizer.from_pretrained(str(tmp_path / "tok"))
     assert ref.pad_token_id == 0
     tok = CLIPTokenizer()

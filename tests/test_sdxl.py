@@ -47,20 +47,22 @@ def test_keys_and_shapes_equal_the_real_checkpoints(name, preset):
     assert sum(p.numel() for p in unet.parameters()) == {"sdxl": 2_567_463_684, "sdxl-refiner": 2_259_526_660}[preset]
 
 
+def tiny_model(tmp_path_factory, preset: str, seed: int):
+    """(file, config, the model loaded in fp32, its folder) of a random tiny checkpoint."""
+    tmp = tmp_path_factory.mktemp(preset)
+    path = tmp / f"{preset}.safetensors"
+    write_checkpoint(path, PRESETS[preset], seed=seed)
+    return path, PRESETS[preset], minisd.load(path, dtype=torch.float32), tmp
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sdxl")
-    path = tmp / "tiny-sdxl.safetensors"
-    write_checkpoint(path, PRESETS["tiny-sdxl"], seed=41)
-    return path, PRESETS["tiny-sdxl"], minisd.load(path, dtype=torch.float32), tmp
+    return tiny_model(tmp_path_factory, "tiny-sdxl", seed=41)
 
 
 @pytest.fixture(scope="module")
 def refiner(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sdxl-refiner")
-    path = tmp / "tiny-sdxl-refiner.safetensors"
-    write_checkpoint(path, PRESETS["tiny-sdxl-refiner"], seed=42)
-    return path, PRESETS["tiny-sdxl-refiner"], minisd.load(path, dtype=torch.float32), tmp
+    return tiny_model(tmp_path_factory, "tiny-sdxl-refiner", seed=42)
 
 
 @pytest.mark.parametrize("which", ["base", "refiner"])
